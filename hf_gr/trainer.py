@@ -1,0 +1,256 @@
+"""`GRTrainer`: the `transformers.Trainer` whose `training_step` computes the gradient-regularization gradient.
+
+The math lives in `hf_gr.gradient`; this module orchestrates the two passes inside the Trainer's loop:
+gradient accumulation, loss normalization, mixed precision, dropout masks, and data-parallel sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from . import gradient
+from .arguments import GRTrainingArguments
+from .callbacks import WARMUP_CALLBACKS, GRStepState, GRWarmupCallback
+
+logger = logging.getLogger(__name__)
+
+
+class GRTrainer(Trainer):
+    """A `Trainer` that trains with gradient regularization (GR) or SAM, configured by `GRTrainingArguments`.
+
+    Each optimizer step (per micro-batch under gradient accumulation) runs:
+
+    1. pass 1 under `no_sync`: g1 = ∇L(θ), with what earlier micro-batches accumulated put aside;
+    2. ε = r·g1/‖g1‖ (global L2 norm over the trainable parameters, in float32), θ ← θ + ε;
+    3. `.grad` ← (1 − α)·g1 + accumulated, then pass 2 at θ + ε with the same dropout mask and its loss scaled
+       by α, so that its backward adds α·g2 and (on the sync micro-batch) all-reduces the combined gradient once;
+    4. θ restored bit for bit from a copy, also when a pass raises.
+
+    A step whose λ or r is 0 (λ = 0, or the zero-warmup phase) is the stock single-pass step. The Trainer's
+    clipping, optimizer step and scheduler then run unchanged on `.grad`.
+
+    Logged metrics (with every training log entry, describing the step just taken): `gr_lambda`, `gr_r`.
+    """
+
+    args: GRTrainingArguments
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, GRTrainingArguments):
+            raise TypeError(f"GRTrainer needs GRTrainingArguments, got {type(self.args).__name__}.")
+        self._check_distributed_setup()
+        self.gr_step_state = GRStepState(gr_lambda=self.args.gr_lambda, gr_r=self.args.gr_r)
+        self._gr_loss_scale = 1.0
+        self._gr_last_step: tuple[float, float] = (self.args.gr_lambda, self.args.gr_r)
+        self._bind_warmup_callback()
+
+    # ---- set-up ----
+
+    def _check_distributed_setup(self) -> None:
+        """Refuse, at start-up, the distributed modes the two-pass step cannot run under."""
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                "GRTrainer does not support DeepSpeed: its engine steps the optimizer inside backward and ZeRO-2/3 "
+                "partitions gradients out of `.grad`, so the two-pass GR gradient cannot be formed. Use DDP "
+                "(`accelerate launch --multi_gpu` or `torchrun`) instead."
+            )
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                "GRTrainer does not support FSDP yet: under `no_sync` FSDP keeps the unsharded gradients outside "
+                "`.grad`, so pass 1's g1 cannot be read per shard. Use DDP (`accelerate launch --multi_gpu`)."
+            )
+        if self.args.gr_method == "exact" and self.accelerator.num_processes > 1:
+            raise ValueError(
+                "gr_method='exact' (double backprop) is a single-process verification tool; use "
+                "gr_method='finite_difference' for multi-process training."
+            )
+
+    def _bind_warmup_callback(self) -> None:
+        """Bind the warmup callback: one passed in `callbacks` wins over `gr_warmup_strategy`; two are an error."""
+        given = [cb for cb in self.callback_handler.callbacks if isinstance(cb, GRWarmupCallback)]
+        if len(given) > 1:
+            raise ValueError(
+                f"GRTrainer got {len(given)} GR warmup callbacks ({', '.join(type(c).__name__ for c in given)}); "
+                "pass at most one, or set gr_warmup_strategy instead."
+            )
+        if given:
+            callback = given[0]
+            if callback.strategy != self.args.gr_warmup_strategy:
+                logger.info(
+                    "Using the %s callback passed to GRTrainer instead of gr_warmup_strategy=%r.",
+                    type(callback).__name__,
+                    self.args.gr_warmup_strategy,
+                )
+                self.args.gr_warmup_strategy = callback.strategy  # checkpoints and the model card say what ran
+        elif self.args.gr_warmup_strategy in WARMUP_CALLBACKS:
+            callback = WARMUP_CALLBACKS[self.args.gr_warmup_strategy](self.args.gr_warmup_steps)
+            self.add_callback(callback)
+        else:
+            return
+        callback.bind(self.gr_step_state)
+
+    # ---- the training step ----
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """One micro-batch: the stock step when λ or r is 0, else the GR gradient added to `.grad`."""
+        gr_lambda, gr_r = self.gr_step_state.gr_lambda, self.gr_step_state.gr_r
+        self._gr_last_step = (gr_lambda, gr_r)
+        if gr_lambda == 0.0 or gr_r == 0.0:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if self.args.gr_method == "exact":
+            return self._exact_step(model, inputs, num_items_in_batch, gr_lambda)
+        return self._two_pass_step(model, inputs, num_items_in_batch, gr_lambda, gr_r)
+
+    def _two_pass_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | int | None,
+        gr_lambda: float,
+        gr_r: float,
+    ) -> torch.Tensor:
+        alpha = gr_lambda / gr_r
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        accumulated = _take_grads(trainable)  # earlier micro-batches' sum, put aside (no copy)
+        rng_state = _rng_state()
+
+        # Pass 1: g1 = ∇L(θ), never synced across replicas.
+        with self.accelerator.no_sync(model):
+            loss = super().training_step(model, dict(inputs), num_items_in_batch)
+        params, grads = gradient.params_with_grads(trainable)
+        if self.args.gr_sync_perturbation and self.accelerator.num_processes > 1:
+            self._average_across_replicas(grads)
+        norm = gradient.global_grad_norm(grads).item()
+        scale = gradient.perturbation_scale(norm, gr_r, gradient.norm_floor(grads))
+        if scale is None and not self._gradients_sync_now():
+            # ‖g1‖ zero or not finite: a plain step. An inf/NaN g1 stays in `.grad` so the fp16 scaler skips it.
+            gradient.combine_first_pass_(trainable, 0.0, accumulated)
+            return loss
+
+        # Pass 2 at θ + ε (at θ when g1 gave no direction but the replicas must still sync).
+        diagnostics = self._start_diagnostics(params, grads, norm) if self.gr_step_state.record_diagnostics else None
+        backup = None
+        try:
+            if scale is not None:
+                backup = gradient.perturb_(params, grads, scale)
+            gradient.combine_first_pass_(trainable, alpha, accumulated)
+            _set_rng_state(rng_state)
+            self._gr_loss_scale = alpha
+            with _frozen_running_stats(model):
+                super().training_step(model, dict(inputs), num_items_in_batch)
+        finally:
+            self._gr_loss_scale = 1.0
+            if backup is not None:
+                gradient.restore_(params, backup)
+            if diagnostics is not None:
+                diagnostics.close()
+        return loss
+
+    def _exact_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None, gr_lambda: float
+    ) -> torch.Tensor:
+        """Double backprop: the gradient of L + λ·‖∇L‖₂, for verification on small models."""
+        model.train()
+        inputs = self._prepare_inputs(dict(inputs))
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        loss = self._scale_for_accumulation(loss, num_items_in_batch)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.accelerator.backward(gradient.exact_gr_loss(loss, trainable, gr_lambda))
+        return loss.detach()
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """The stock loss, scaled by α during GR's second pass (so its backward adds α·g2)."""
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        if self._gr_loss_scale == 1.0:
+            return result
+        if isinstance(result, tuple):
+            return (result[0] * self._gr_loss_scale, *result[1:])
+        return result * self._gr_loss_scale
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the λ and r of the step just taken to every training log entry."""
+        if "loss" in logs:
+            logs["gr_lambda"], logs["gr_r"] = self._gr_last_step
+            logs.update(self.gr_step_state.diagnostics)
+            self.gr_step_state.diagnostics.clear()
+        super().log(logs, *args, **kwargs)
+
+    # ---- helpers ----
+
+    def _scale_for_accumulation(
+        self, loss: torch.Tensor, num_items_in_batch: torch.Tensor | int | None
+    ) -> torch.Tensor:
+        """Divide by the accumulation steps unless the loss is already normalized (as the stock step does)."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        if scaled:
+            return loss
+        return loss / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+
+    def _gradients_sync_now(self) -> bool:
+        """Whether this micro-batch's backward all-reduces gradients across replicas."""
+        return self.accelerator.num_processes > 1 and self.accelerator.sync_gradients
+
+    def _average_across_replicas(self, grads: list[torch.Tensor]) -> None:
+        """g1 ← its mean over the replicas, in one all-reduce (for `gr_sync_perturbation`)."""
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.accelerator.reduce(flat, reduction="mean")
+        chunks = torch.split(flat, [g.numel() for g in grads])
+        torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(chunks, grads)])
+
+    def _start_diagnostics(self, params: list[torch.Tensor], grads: list[torch.Tensor], norm: float) -> Any:
+        from .diagnostics import SecondPassProbe
+
+        return SecondPassProbe(self, params, grads, norm)
+
+
+def _take_grads(params: list[torch.Tensor]) -> list[torch.Tensor | None] | None:
+    """Detach every `.grad` from its parameter and return them (None when there is nothing to put aside)."""
+    grads = [p.grad for p in params]
+    if all(g is None for g in grads):
+        return None
+    for p in params:
+        p.grad = None
+    return grads
+
+
+def _rng_state() -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The CPU and current-CUDA-device RNG states, so pass 2 replays pass 1's dropout masks."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
+@contextlib.contextmanager
+def _frozen_running_stats(model: nn.Module) -> Iterator[None]:
+    """Keep BatchNorm running statistics as pass 1 left them: pass 2 must not update them a second time."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False) if v is not None} for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(norms, saved):
+                for name, value in buffers.items():
+                    getattr(m, name).copy_(value)
