@@ -29,10 +29,13 @@ def params_with_grads(parameters: Iterable[torch.nn.Parameter]) -> tuple[list[to
 
 
 def global_grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm over all `grads` together, accumulated in float32 (a 0-dim tensor; 0 for no gradients)."""
+    """The L2 norm over all `grads` together, accumulated in float32 or wider (a 0-dim tensor; 0 for none)."""
     if not grads:
         return torch.zeros(())
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    dtype = torch.float32
+    for g in grads:
+        dtype = torch.promote_types(dtype, g.dtype)
+    norms = torch._foreach_norm(grads, 2, dtype=dtype)
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
@@ -99,7 +102,7 @@ def combine_first_pass_(
 def exact_gr_loss(loss: torch.Tensor, params: Sequence[torch.Tensor], gr_lambda: float) -> torch.Tensor:
     """L + λ·‖∇L‖₂ with ∇L kept in the graph (double backprop): its gradient is ∇L + λ·H∇L/‖∇L‖."""
     grads = torch.autograd.grad(loss, list(params), create_graph=True, allow_unused=True)
-    squares = [g.float().pow(2).sum() for g in grads if g is not None]
+    squares = [g.to(torch.promote_types(g.dtype, torch.float32)).pow(2).sum() for g in grads if g is not None]
     squared_norm = torch.stack(squares).sum() if squares else None
     if squared_norm is None or squared_norm.item() == 0.0:
         return loss  # ‖∇L‖ = 0: the penalty has no gradient direction (and sqrt has none at 0)
