@@ -179,9 +179,17 @@ def test_frozen_parameters_are_left_alone(tmp_path):
     assert max_rel_err(grads_of(model), reference_gr_grad(model, batch, 0.1, 0.1)) < 1e-6
 
 
+def _zero_loss(outputs, labels, num_items_in_batch=None):
+    return 0 * outputs["logits"].sum()
+
+
+def _infinite_loss(outputs, labels, num_items_in_batch=None):
+    return outputs["logits"].sum() * float("inf")
+
+
 def test_zero_gradient_gives_a_plain_step(tmp_path):
     model = TinyNet()
-    trainer = GRTrainer(model=model, args=make_args(tmp_path), compute_loss_func=lambda o, y, num_items_in_batch=None: 0 * o["logits"].sum())
+    trainer = GRTrainer(model=model, args=make_args(tmp_path), compute_loss_func=_zero_loss)
     trainer.current_gradient_accumulation_steps = 1
     trainer.training_step(model, DictDataset(8).batch(0, 8))
     assert model.forward_calls == 1
@@ -191,9 +199,7 @@ def test_zero_gradient_gives_a_plain_step(tmp_path):
 def test_non_finite_first_pass_skips_the_perturbation(tmp_path):
     model = TinyNet()
     before = params_of(model)
-    trainer = GRTrainer(
-        model=model, args=make_args(tmp_path), compute_loss_func=lambda o, y, num_items_in_batch=None: o["logits"].sum() * float("inf")
-    )
+    trainer = GRTrainer(model=model, args=make_args(tmp_path), compute_loss_func=_infinite_loss)
     trainer.current_gradient_accumulation_steps = 1
     trainer.training_step(model, DictDataset(8).batch(0, 8))
     assert model.forward_calls == 1  # no second pass at a non-finite direction

@@ -1,0 +1,273 @@
+"""Image-classification data for `scripts/train.py`: loading, column and label checks, transforms, collator.
+
+Datasets come from the Hub (`uoft-cs/cifar10`, `uoft-cs/cifar100`, ...), from parquet files or image folders, or
+are scikit-learn's bundled handwritten digits (`"digits"`, 1,797 real 8×8 images, no network needed).
+
+Preprocessing is the model's image processor (resize, rescale, per-channel normalization) followed, for training,
+by the paper's "basic" CIFAR augmentation done on whole batches in torch: random horizontal flip, reflect-pad
+and random crop back to the input size. Reflect padding commutes with the per-channel affine normalization, so
+augmenting normalized tensors equals augmenting pixels first.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import ClassLabel, Dataset, DatasetDict
+
+logger = logging.getLogger(__name__)
+
+DIGITS = "digits"
+IMAGE_COLUMN_CANDIDATES = ("image", "img")
+LABEL_COLUMN_CANDIDATES = ("label", "fine_label", "labels")
+# Per-channel statistics of the training sets, for from-scratch models (the paper's normalization).
+CHANNEL_STATS: dict[str, tuple[list[float], list[float]]] = {
+    "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+}
+AUGMENTATIONS = ("auto", "basic", "crop", "none")
+
+
+# ---- loading ----
+
+
+def load_digits_dataset(eval_fraction: float = 0.2, seed: int = 0) -> DatasetDict:
+    """scikit-learn's 1,797 8×8 handwritten digits as grayscale images, split deterministically into train/validation.
+
+    Pixel values 0–16 are scaled to 0–255; the split is stratified-free but fixed by `seed`.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.clip(digits.images * 16, 0, 255).astype(np.uint8)
+    order = np.random.default_rng(seed).permutation(len(pixels))
+    n_eval = int(round(len(pixels) * eval_fraction))
+    features = datasets.Features({"image": datasets.Image(), "label": ClassLabel(names=[str(i) for i in range(10)])})
+
+    def split(indices: np.ndarray) -> Dataset:
+        rows = {
+            "image": [Image.fromarray(pixels[i], mode="L") for i in indices],
+            "label": [int(digits.target[i]) for i in indices],
+        }
+        return Dataset.from_dict(rows, features=features)
+
+    return DatasetDict({"train": split(order[n_eval:]), "validation": split(order[:n_eval])})
+
+
+def load_image_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    cache_dir: str | None = None,
+    train_val_split: float = 0.15,
+    seed: int = 0,
+) -> DatasetDict:
+    """Load a dataset with "train" and "validation" splits from the Hub, local files or the bundled digits.
+
+    A Hub dataset's "validation" split is used, else its "test" split, else `train_val_split` of "train".
+    Local files are parquet files or image folders (one sub-folder per class).
+    """
+    if dataset_name == DIGITS:
+        return load_digits_dataset(seed=seed)
+    if dataset_name is not None:
+        raw = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+    elif train_file is not None:
+        splits = {"train": _load_local(train_file, "--train_file", cache_dir)}
+        if validation_file is not None:
+            splits["validation"] = _load_local(validation_file, "--validation_file", cache_dir)
+        raw = DatasetDict(splits)
+    else:
+        raise ValueError("Give --dataset_name (a Hub id or 'digits') or --train_file.")
+    if "train" not in raw:
+        raise ValueError(f"The dataset has no 'train' split; its splits are {list(raw)}.")
+    if "validation" not in raw:
+        if "test" in raw:
+            raw["validation"] = raw["test"]
+        else:
+            parts = raw["train"].train_test_split(test_size=train_val_split, seed=seed)
+            raw["train"], raw["validation"] = parts["train"], parts["test"]
+    return DatasetDict({"train": raw["train"], "validation": raw["validation"]})
+
+
+def _load_local(path: str, flag: str, cache_dir: str | None) -> Dataset:
+    """One split from a parquet file (or a glob of them) or an image folder, with a clear error when unreadable."""
+    location = Path(path)
+    if not location.exists() and not any(location.parent.glob(location.name)):
+        raise ValueError(f"{flag} {path!r} does not exist.")
+    if location.is_dir():
+        builder, kwargs = "imagefolder", {"data_dir": str(location)}
+    elif location.suffix == ".parquet" or path.endswith(".parquet"):
+        builder, kwargs = "parquet", {"data_files": str(location)}
+    else:
+        raise ValueError(f"{flag} {path!r} must be a .parquet file or an image folder (one sub-folder per class).")
+    try:
+        loaded = datasets.load_dataset(builder, cache_dir=cache_dir, **kwargs)
+    except Exception as error:  # datasets raises many types (ArrowInvalid, DatasetGenerationError, ...)
+        raise ValueError(f"Could not read {flag} {path!r} as {builder}: {type(error).__name__}: {error}") from error
+    return loaded["train"]
+
+
+# ---- columns and labels ----
+
+
+def resolve_columns(dataset: Dataset, image_column: str | None, label_column: str | None) -> tuple[str, str]:
+    """The image and label column names: the given ones, checked, or detected (CIFAR-10: img/label,
+    CIFAR-100: img/fine_label)."""
+    columns = dataset.column_names
+
+    def pick(given: str | None, candidates: tuple[str, ...], feature_type: type, flag: str) -> str:
+        if given is not None:
+            if given not in columns:
+                raise ValueError(f"{flag} {given!r} is not a column of the dataset; its columns are {columns}.")
+            return given
+        for name in candidates:
+            if name in columns:
+                return name
+        typed = [name for name, feature in dataset.features.items() if isinstance(feature, feature_type)]
+        if len(typed) == 1:
+            return typed[0]
+        raise ValueError(f"Could not detect the {flag[2:]}; the dataset's columns are {columns}. Pass {flag}.")
+
+    image = pick(image_column, IMAGE_COLUMN_CANDIDATES, datasets.Image, "--image_column")
+    label = pick(label_column, LABEL_COLUMN_CANDIDATES, ClassLabel, "--label_column")
+    return image, label
+
+
+def prepare_labels(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, list[str]]:
+    """Check every split's labels against the training classes and return the datasets with a `ClassLabel`
+    label column and the class names.
+
+    A `ClassLabel` column keeps its names; integer labels 0..K−1 are named "0".."K−1" from the training split;
+    string labels become classes in sorted order. A label outside the classes is an error naming it.
+    """
+    feature = raw["train"].features[label_column]
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+        allowed: set[Any] = set(range(len(names)))
+    else:
+        train_values = raw["train"].unique(label_column)
+        if all(isinstance(v, str) for v in train_values):
+            names = sorted(train_values)
+            allowed = set(names)
+        elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in train_values):
+            if min(train_values) < 0:
+                raise ValueError(f"Label {min(train_values)} in column {label_column!r} of 'train' is negative.")
+            names = [str(i) for i in range(max(train_values) + 1)]
+            allowed = set(range(len(names)))
+        else:
+            raise ValueError(f"Labels in column {label_column!r} must be integers or strings, got {feature}.")
+    for split, dataset in raw.items():
+        unknown = sorted(set(dataset.unique(label_column)) - allowed, key=str)
+        if unknown:
+            raise ValueError(
+                f"Label(s) {unknown[:5]} in column {label_column!r} of the {split!r} split are outside the "
+                f"{len(names)} training classes ({_describe(names)})."
+            )
+    if not isinstance(feature, ClassLabel):
+        raw = raw.cast_column(label_column, ClassLabel(names=names))
+    return raw, names
+
+
+def _describe(names: list[str]) -> str:
+    shown = ", ".join(names[:10])
+    return shown + (", ..." if len(names) > 10 else "")
+
+
+def channel_stats(dataset_name: str | None, train: Dataset, image_column: str, samples: int = 1000) -> tuple:
+    """Per-channel mean and std for from-scratch models: CIFAR's known values, else measured on the training set."""
+    name = (dataset_name or "").lower().replace("-", "")
+    for key, stats in CHANNEL_STATS.items():
+        if key in name:
+            return stats
+    subset = train.select(range(min(samples, len(train))))
+    pixels = np.stack([np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0 for img in subset[image_column]])
+    mean, std = pixels.mean(axis=(0, 1, 2)), pixels.std(axis=(0, 1, 2))
+    return [round(float(m), 4) for m in mean], [round(max(float(s), 1e-3), 4) for s in std]
+
+
+# ---- transforms ----
+
+
+@dataclass
+class Augmentation:
+    """The paper's "basic" augmentation on a batch of (normalized) images: flip, reflect-pad, random crop.
+
+    Args:
+        flip (`bool`): random horizontal flip with probability 1/2.
+        padding (`int`): reflect-pad each side by this many pixels, then crop back to the input size at a random
+            offset (the paper: 4 on 32×32). 0 disables the crop.
+    """
+
+    flip: bool = True
+    padding: int = 4
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Augment `images` of shape (N, C, H, W), each image independently."""
+        n, _, height, width = images.shape
+        if self.flip:
+            flipped = torch.rand(n) < 0.5
+            images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
+        if self.padding > 0:
+            p = self.padding
+            padded = F.pad(images, (p, p, p, p), mode="reflect")
+            top = torch.randint(0, 2 * p + 1, (n,))
+            left = torch.randint(0, 2 * p + 1, (n,))
+            rows = (top[:, None] + torch.arange(height))[:, :, None]  # (N, H, 1)
+            cols = (left[:, None] + torch.arange(width))[:, None, :]  # (N, 1, W)
+            batch = torch.arange(n)[:, None, None]
+            images = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+        return images
+
+
+def choose_augmentation(name: str, dataset_name: str | None, image_size: int) -> Augmentation | None:
+    """The training augmentation for `--augmentation`: "auto" is "basic" (the paper's), except "crop" for
+    digits (a flipped digit is another symbol); padding is 1/8 of the side (4 on 32×32)."""
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, got {name!r}.")
+    if name == "auto":
+        name = "crop" if dataset_name == DIGITS else "basic"
+    if name == "none":
+        return None
+    return Augmentation(flip=name == "basic", padding=max(1, image_size // 8))
+
+
+class ImageTransform:
+    """The `set_transform` function: images → `pixel_values` through the image processor (+ augmentation).
+
+    Args:
+        image_processor: the model's image processor (resize, rescale, normalize).
+        image_column (`str`), label_column (`str`): the dataset's columns.
+        augmentation (`Augmentation`, *optional*): applied to the whole batch after the processor (training only).
+    """
+
+    def __init__(
+        self, image_processor: Any, image_column: str, label_column: str, augmentation: Augmentation | None = None
+    ) -> None:
+        self.image_processor = image_processor
+        self.image_column = image_column
+        self.label_column = label_column
+        self.augmentation = augmentation
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
+        images = [image.convert("RGB") for image in batch[self.image_column]]
+        pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
+        if self.augmentation is not None:
+            pixel_values = self.augmentation(pixel_values)
+        return {"pixel_values": list(pixel_values), "labels": batch[self.label_column]}
+
+
+def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack `pixel_values` and `labels` into the model's batch."""
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),
+    }
