@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from . import gradient
+from . import checkpoint, gradient
 from .arguments import GRTrainingArguments
 from .callbacks import WARMUP_CALLBACKS, GRStepState, GRWarmupCallback
 
@@ -187,6 +187,26 @@ class GRTrainer(Trainer):
             logs.update(self.gr_step_state.diagnostics)
             self.gr_step_state.diagnostics.clear()
         super().log(logs, *args, **kwargs)
+
+    # ---- checkpoints ----
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume the weights through transformers' key conversion (the stock loader skips renamed keys)."""
+        target = self.model if model is None else model
+        if self._plain_weights() and checkpoint.load_converted_weights(target, resume_from_checkpoint):
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """Load the best checkpoint's weights through the key conversion, like `_load_from_checkpoint`."""
+        best = self.state.best_model_checkpoint
+        if self._plain_weights() and checkpoint.load_converted_weights(self.model, best):
+            logger.info("Loaded best model from %s (score: %s).", best, self.state.best_metric)
+            return
+        super()._load_best_model()
+
+    def _plain_weights(self) -> bool:
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
 
     # ---- helpers ----
 
