@@ -1,0 +1,94 @@
+"""Run under `torchrun --nproc_per_node 2`: GR training runs over DDP (gloo), with collectives counted.
+
+Writes, from rank 0, a `torch.save` dict to argv[1]: for each run, the final parameters and, per optimizer
+step, the gradient all-reduces (counted by a DDP communication hook) and the other all-reduces.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from transformers import TrainerCallback
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, make_args  # noqa: E402
+
+RUNS = {
+    "plain": dict(gr_lambda=0.0, gradient_accumulation_steps=1),
+    "gr_ga1": dict(gradient_accumulation_steps=1),
+    "gr_ga2": dict(gradient_accumulation_steps=2),
+    "gr_sync": dict(gradient_accumulation_steps=1, gr_sync_perturbation=True),
+}
+
+
+class CountCollectives(TrainerCallback):
+    """Counts, per optimizer step, gradient all-reduces (DDP comm hook) and all `dist.all_reduce` calls."""
+
+    def __init__(self, trainer):
+        self.trainer, self.ddp, self.other, self.per_step = trainer, 0, 0, []
+        original = dist.all_reduce
+
+        def counting_all_reduce(*args, **kwargs):
+            self.other += 1
+            return original(*args, **kwargs)
+
+        dist.all_reduce = counting_all_reduce
+
+    def _hook(self, state, bucket):
+        self.ddp += 1
+        return default_hooks.allreduce_hook(None, bucket)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.model_wrapped.register_comm_hook(state=None, hook=self._hook)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.ddp = self.other = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.per_step.append((self.ddp, self.other))
+
+
+def run(name: str, overrides: dict, tmp: str) -> dict:
+    args = make_args(
+        _Path(tmp), output_dir=os.path.join(tmp, name), max_steps=3, per_device_train_batch_size=4, optim="sgd",
+        learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+        logging_strategy="no", gr_lambda=overrides.pop("gr_lambda", 0.05), gr_r=0.1, **overrides,
+    )  # fmt: skip
+    model = TinyNet()
+    trainer = SequentialGRTrainer(model=model, args=args, train_dataset=DictDataset(48))
+    counter = CountCollectives(trainer)
+    trainer.add_callback(counter)
+    all_reduce = dist.all_reduce
+    try:
+        trainer.train()
+    finally:
+        dist.all_reduce = all_reduce
+    return {"params": [p.detach().clone() for p in model.parameters()], "collectives": counter.per_step}
+
+
+class _Path(str):
+    def __truediv__(self, other):
+        return _Path(os.path.join(self, other))
+
+
+def exact_mode_error(tmp: str) -> str:
+    try:
+        SequentialGRTrainer(model=TinyNet(), args=make_args(_Path(tmp), gr_method="exact"))
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def main() -> None:
+    out, tmp = sys.argv[1], sys.argv[2]
+    results = {name: run(name, dict(overrides), tmp) for name, overrides in RUNS.items()}
+    results["exact_error"] = exact_mode_error(tmp)
+    results["world_size"] = dist.get_world_size()
+    if dist.get_rank() == 0:
+        torch.save(results, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""GR over real DDP processes (torchrun, gloo) against single-process references, and collective counts."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from gr_testing import DictDataset, TinyNet, grad_at, make_args, max_rel_err, reference_gr_grad
+
+from hf_gr import GRTrainer
+
+WORLD, BATCH, STEPS, LR, LAMBDA, R = 2, 4, 3, 0.5, 0.05, 0.1
+SCRIPT = Path(__file__).parent / "distributed" / "ddp_gr_runs.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    out = tmp / "results.pt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD)]
+    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), str(out), str(tmp)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out)
+
+
+def _reference(accumulation: int, sync_perturbation: bool) -> list[torch.Tensor]:
+    """One process replaying the shards: rank r reads batches r, r + 2, ...; SGD on the replica-mean update."""
+    model, data = TinyNet(), DictDataset(48)
+    for step in range(STEPS):
+        update = None
+        for j in range(accumulation):
+            micro = step * accumulation + j
+            batches = [data.batch((micro * WORLD + r) * BATCH, BATCH) for r in range(WORLD)]
+            override = None
+            if sync_perturbation:
+                params = {n: p.detach() for n, p in model.named_parameters()}
+                g1s = [grad_at(model, params, b) for b in batches]
+                override = [sum(gs) / WORLD for gs in zip(*g1s)]
+            for b in batches:
+                g = reference_gr_grad(model, b, LAMBDA, R, g1_override=override)
+                scaled = [x / (WORLD * accumulation) for x in g]
+                update = scaled if update is None else [u + x for u, x in zip(update, scaled)]
+        with torch.no_grad():
+            for p, u in zip(model.parameters(), update):
+                p -= LR * u
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("run, accumulation, sync", [("gr_ga1", 1, False), ("gr_ga2", 2, False), ("gr_sync", 1, True)])
+def test_ddp_gr_matches_single_process_reference(ddp_results, run, accumulation, sync):
+    assert ddp_results["world_size"] == WORLD
+    assert max_rel_err(ddp_results[run]["params"], _reference(accumulation, sync)) < 1e-6
+
+
+def test_synced_perturbation_differs_from_per_replica(ddp_results):
+    assert max_rel_err(ddp_results["gr_sync"]["params"], ddp_results["gr_ga1"]["params"]) > 1e-6
+
+
+def test_gr_step_costs_the_gradient_all_reduces_of_a_plain_step(ddp_results):
+    # (gradient all-reduces seen by the DDP comm hook, all dist.all_reduce calls) per optimizer step
+    plain = ddp_results["plain"]["collectives"]
+    assert plain == [(1, 1)] * STEPS
+    assert ddp_results["gr_ga1"]["collectives"] == plain
+    assert ddp_results["gr_ga2"]["collectives"] == plain  # the non-final micro-batch stays local
+    assert ddp_results["gr_sync"]["collectives"] == [(1, 2)] * STEPS  # exactly one more: the g1 average
+
+
+def test_exact_method_refused_with_several_processes(ddp_results):
+    assert "gr_method='exact'" in ddp_results["exact_error"] and "finite_difference" in ddp_results["exact_error"]
+
+
+@pytest.mark.parametrize("flag, message", [("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "FSDP")])
+def test_unsupported_distributed_modes_are_refused_at_start_up(tmp_path, monkeypatch, flag, message):
+    original = GRTrainer.create_accelerator_and_postprocess
+
+    def pretend(self):
+        original(self)
+        setattr(self, flag, True)
+
+    monkeypatch.setattr(GRTrainer, "create_accelerator_and_postprocess", pretend)
+    with pytest.raises(ValueError, match=message) as err:
+        GRTrainer(model=TinyNet(), args=make_args(tmp_path))
+    assert "DDP" in str(err.value)  # names the alternative
