@@ -8,9 +8,10 @@ micro-batch's `training_step`, clipping, `optimizer.step()`, the scheduler, `mod
   every round), discards warm-up rounds, and splits each GR step into the passes and GR's bookkeeping by timing
   `Trainer.training_step` and the `hf_gr.gradient` functions (the outer `GRTrainer.training_step` minus the
   passes is the bookkeeping).
-- `measure_memory` runs one configuration and records the bytes of all live tensors (storages counted once) at
-  the points where GR holds its buffers: after every `hf_gr.gradient` call, after every micro-batch, and around
-  the peer's `first_step`. GR's extra bytes are its maximum minus the plain configuration's maximum.
+- `measure_memory` runs one configuration and records the bytes of all live tensors (storages counted once)
+  where GR holds its buffers: when `perturb_` returns (θ's copy, g1 and, under accumulation, the put-aside
+  gradients all alive), after every micro-batch, and after each of the peer's passes. GR's extra bytes are
+  its maximum minus the plain configuration's maximum.
 - `summarize` turns both into flat keys (medians, min–max, ratios, memory over parameter bytes).
 """
 
@@ -248,7 +249,7 @@ _timings: dict[str, float] = defaultdict(float)  # seconds per function, reset e
 _memory_probe: Callable[[], None] | None = None
 
 
-def _timed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+def _timed(name: str, function: Callable[..., Any], probe: bool = False) -> Callable[..., Any]:
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -256,7 +257,7 @@ def _timed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
             return function(*args, **kwargs)
         finally:
             _timings[name] += time.perf_counter() - start
-            if _memory_probe is not None:
+            if probe and _memory_probe is not None:
                 _memory_probe()
 
     return wrapper
@@ -274,7 +275,9 @@ def instrumented() -> Iterator[None]:
     original_step = Trainer.training_step
     try:
         for name, function in originals.items():
-            setattr(gradient, name, _timed(name, function))
+            # `perturb_` returns with θ's copy, g1 and (under accumulation) the put-aside gradients all alive:
+            # GR's peak of held buffers outside the passes.
+            setattr(gradient, name, _timed(name, function, probe=name == "perturb_"))
         Trainer.training_step = _timed("pass", original_step)
         yield
     finally:
@@ -300,7 +303,10 @@ def time_configs(
     """Time `steps` optimizer steps of every configuration, interleaved (order rotating per round), after `warmup`."""
     runners = [build_runner(name, spec) for name in names]
     timings = Timings()
-    with instrumented():
+    gc.collect()
+    gc.freeze()  # keep the per-step collections (outside the timed region) short
+    with instrumented(), contextlib.ExitStack() as stack:
+        stack.callback(gc.unfreeze)
         for round_index in range(warmup + steps):
             shift = round_index % len(runners)
             for runner in runners[shift:] + runners[:shift]:

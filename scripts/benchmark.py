@@ -41,7 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smaller ViT and batch (finishes in < 2 min)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up rounds discarded")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads (default 1: on a shared CPU, oversubscribed OpenMP threads swing steps 10-100x)",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="override the micro-batch size")
     parser.add_argument("--configs", default=",".join(bench.CONFIGS), help="comma-separated configurations")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
