@@ -18,6 +18,7 @@ from transformers import Trainer
 from . import checkpoint, gradient
 from .arguments import GRTrainingArguments
 from .callbacks import WARMUP_CALLBACKS, GRStepState, GRWarmupCallback
+from .diagnostics import GRDiagnosticsCallback, SecondPassProbe
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class GRTrainer(Trainer):
         self._gr_loss_scale = 1.0
         self._gr_last_step: tuple[float, float] = (self.args.gr_lambda, self.args.gr_r)
         self._bind_warmup_callback()
+        self._bind_diagnostics_callback()
 
     # ---- set-up ----
 
@@ -96,6 +98,15 @@ class GRTrainer(Trainer):
             return
         callback.bind(self.gr_step_state)
 
+    def _bind_diagnostics_callback(self) -> None:
+        """Add `GRDiagnosticsCallback` when `gr_diagnostics_steps` > 0 (unless one was passed) and bind it."""
+        given = [cb for cb in self.callback_handler.callbacks if isinstance(cb, GRDiagnosticsCallback)]
+        if not given and self.args.gr_diagnostics_steps > 0:
+            given = [GRDiagnosticsCallback(self.args.gr_diagnostics_steps)]
+            self.add_callback(given[0])
+        for callback in given:
+            callback.bind(self.gr_step_state)
+
     # ---- the training step ----
 
     def training_step(
@@ -140,7 +151,9 @@ class GRTrainer(Trainer):
             return loss
 
         # Pass 2 at θ + ε (at θ when g1 gave no direction but the replicas must still sync).
-        diagnostics = self._start_diagnostics(params, grads, norm) if self.gr_step_state.record_diagnostics else None
+        diagnostics = (
+            self._start_diagnostics(params, grads, norm, alpha) if self.gr_step_state.record_diagnostics else None
+        )
         backup = None
         try:
             if scale is not None:
@@ -234,10 +247,12 @@ class GRTrainer(Trainer):
         chunks = torch.split(flat, [g.numel() for g in grads])
         torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(chunks, grads)])
 
-    def _start_diagnostics(self, params: list[torch.Tensor], grads: list[torch.Tensor], norm: float) -> Any:
-        from .diagnostics import SecondPassProbe
-
-        return SecondPassProbe(self, params, grads, norm)
+    def _start_diagnostics(self, params: list[torch.Tensor], grads: list[torch.Tensor], norm: float, alpha: float):
+        """Hold g1 aside and watch pass 2, for `GRDiagnosticsCallback` (diagnostic steps only)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        micro_batches = getattr(self, "current_gradient_accumulation_steps", 1)
+        return SecondPassProbe(self.gr_step_state, params, grads, norm, alpha, loss_scale / micro_batches)
 
 
 def _take_grads(params: list[torch.Tensor]) -> list[torch.Tensor | None] | None:

@@ -1,0 +1,119 @@
+"""GRDiagnosticsCallback: logged values against independent computations; nothing extra when off."""
+
+import gc
+import math
+
+import pytest
+import torch
+from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, grad_at, make_args
+from transformers import TrainerCallback
+
+from hf_gr import GRTrainer
+from hf_gr.diagnostics import ADAPTIVE_LR_KEYS, GRADIENT_KEYS, adaptive_lr_stats
+
+R, STEPS = 0.1, 3
+
+
+class SnapshotBeforeLastStep(TrainerCallback):
+    def __init__(self):
+        self.params = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == STEPS - 1:
+            self.params = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _diagnostic_entries(trainer):
+    return [e for e in trainer.state.log_history if "gr_grad_norm" in e or "adaptive_lr_mean" in e]
+
+
+def test_logged_gradient_diagnostics_match_independent_computation(tmp_path):
+    snapshot = SnapshotBeforeLastStep()
+    data = DictDataset(64)
+    args = make_args(
+        tmp_path, max_steps=STEPS, gr_diagnostics_steps=STEPS, logging_steps=100, optim="adamw_torch",
+        learning_rate=1e-2, lr_scheduler_type="constant", gr_lambda=0.05, gr_r=R,
+    )  # fmt: skip
+    model = TinyNet()
+    trainer = SequentialGRTrainer(model=model, args=args, train_dataset=data, callbacks=[snapshot])
+    trainer.train()
+    (entry,) = _diagnostic_entries(trainer)
+    assert entry["step"] == STEPS  # the entry logged after step s describes step s
+
+    batch = data.batch(8 * (STEPS - 1), 8)
+    g1 = grad_at(model, snapshot.params, batch)
+    n1 = math.sqrt(sum(float((g**2).sum()) for g in g1))
+    shifted = {k: p + R / n1 * g for (k, p), g in zip(snapshot.params.items(), g1)}
+    g2 = grad_at(model, shifted, batch)
+    n2 = math.sqrt(sum(float((g**2).sum()) for g in g2))
+    cosine = sum(float((a * b).sum()) for a, b in zip(g1, g2)) / (n1 * n2)
+    assert entry["gr_grad_norm"] == pytest.approx(n1, rel=1e-5)
+    assert entry["gr_perturbed_grad_norm"] == pytest.approx(n2, rel=1e-5)
+    assert entry["gr_cosine"] == pytest.approx(cosine, rel=1e-5)
+
+    # Adam's adaptive learning rate recomputed from the optimizer state after the last update.
+    rates = []
+    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            v_hat = state["exp_avg_sq"].double() / (1 - group["betas"][1] ** float(state["step"]))
+            rates.append((1e-2 / (v_hat.sqrt() + group["eps"])).flatten())
+    rates = torch.cat(rates)
+    assert entry["adaptive_lr_mean"] == pytest.approx(float(rates.mean()), rel=1e-9)
+    assert entry["adaptive_lr_var"] == pytest.approx(float(rates.var(unbiased=False)), rel=1e-6)
+    assert entry["adaptive_lr_max"] == pytest.approx(float(rates.max()), rel=1e-12)
+
+
+def test_rmsprop_statistics():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    optimizer = torch.optim.RMSprop([p], lr=0.01, alpha=0.9, eps=1e-8)
+    p.grad = torch.tensor([0.5, 1.0, -2.0])
+    optimizer.step()
+    rates = 0.01 / ((0.1 * p.grad.double() ** 2).sqrt() + 1e-8)
+    stats = adaptive_lr_stats(optimizer)
+    assert stats["adaptive_lr_mean"] == pytest.approx(float(rates.mean()))
+    assert stats["adaptive_lr_var"] == pytest.approx(float(rates.var(unbiased=False)))
+    assert stats["adaptive_lr_max"] == pytest.approx(float(rates.max()))
+
+
+def test_sgd_logs_gradient_diagnostics_only(tmp_path):
+    args = make_args(tmp_path, max_steps=4, gr_diagnostics_steps=2, logging_steps=100, optim="sgd")
+    trainer = GRTrainer(model=TinyNet(), args=args, train_dataset=DictDataset(64))
+    trainer.train()
+    entries = _diagnostic_entries(trainer)
+    assert [e["step"] for e in entries] == [2, 4]
+    assert all(k not in e for e in entries for k in ADAPTIVE_LR_KEYS)
+
+
+def _live_tensor_bytes() -> int:
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+class _MeasuringTrainer(GRTrainer):
+    """Live tensor bytes at each pass's loss: pass 2 minus pass 1 is what GR holds, `.grad` included."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        self.live.append(_live_tensor_bytes())
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+@pytest.mark.parametrize("diagnostics, buffers", [(0, 1), (1, 2)])
+def test_gr_step_holds_one_parameter_sized_buffer(tmp_path, diagnostics, buffers):
+    model = TinyNet(in_dim=64, hidden=512)  # parameters dominate the few activations
+    args = make_args(tmp_path, max_steps=1, gr_diagnostics_steps=diagnostics, gr_lambda=0.05, optim="sgd")
+    trainer = _MeasuringTrainer(model=model, args=args, train_dataset=DictDataset(64, in_dim=64))
+    trainer.live = []
+    trainer.train()
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    pass_one, pass_two = trainer.live
+    extra = (pass_two - pass_one - param_bytes) / param_bytes  # less `.grad`, which a plain step holds too
+    assert buffers - 0.05 < extra < buffers + 0.05, extra
+    has_keys = any(k in e for e in trainer.state.log_history for k in GRADIENT_KEYS)
+    assert has_keys == bool(diagnostics)
