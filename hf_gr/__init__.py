@@ -2,9 +2,11 @@
 
 from .arguments import GRTrainingArguments
 from .callbacks import GRStepState, GRWarmupCallback, LambdaWarmupCallback, RWarmupCallback, ZeroWarmupCallback
+from .diagnostics import GRDiagnosticsCallback
 from .trainer import GRTrainer
 
 __all__ = [
+    "GRDiagnosticsCallback",
     "GRStepState",
     "GRTrainer",
     "GRTrainingArguments",
