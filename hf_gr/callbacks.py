@@ -15,6 +15,7 @@ see the trainer: `GRTrainer` hands each one the `GRStepState` it reads at every 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -27,13 +28,14 @@ class GRStepState:
         gr_lambda (`float`): λ for the step (0: a plain single-pass step).
         gr_r (`float`): r for the step (0: a plain single-pass step).
         record_diagnostics (`bool`): whether the step records `diagnostics` (set by `GRDiagnosticsCallback`).
-        diagnostics (`dict`): sums the step accumulates when recording (‖g1‖, ‖g2‖, cos(g1, g2)).
+        diagnostics (`dict`): while recording, each measurement's per-micro-batch values; after the step, the
+            averaged values that the next training log entry carries.
     """
 
     gr_lambda: float
     gr_r: float
     record_diagnostics: bool = False
-    diagnostics: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
 def warmup_fraction(global_step: int, warmup_steps: int) -> float:

@@ -9,6 +9,7 @@ variance of the per-element adaptive learning rate lr/(sqrt(v̂) + eps) grows wh
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -64,10 +65,13 @@ class SecondPassProbe:
         self.g1 = []
         g2_norm = math.sqrt(float(self.squared)) / self.alpha
         cosine = float(self.dot) / self.alpha / (self.norm * g2_norm) if g2_norm > 0 and self.norm > 0 else 0.0
-        sums = self.step_state.diagnostics
-        for key, value in zip(GRADIENT_KEYS, (self.norm / self.scale, g2_norm / self.scale, cosine)):
-            sums[key] = sums.get(key, 0.0) + value
-        sums["_micro_batches"] = sums.get("_micro_batches", 0) + 1
+        record(self.step_state, zip(GRADIENT_KEYS, (self.norm / self.scale, g2_norm / self.scale, cosine)))
+
+
+def record(step_state: GRStepState, values: Iterable[tuple[str, float]]) -> None:
+    """Add one micro-batch's measurements to the step's (averaged at the step's end)."""
+    for key, value in values:
+        step_state.diagnostics.setdefault(key, []).append(value)
 
 
 def adaptive_lr_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -107,8 +111,9 @@ class GRDiagnosticsCallback(TrainerCallback):
     """Logs, every `every` optimizer steps, the quantities behind the paper's "when is GR harmful" analysis.
 
     On GR steps: `gr_grad_norm` (‖g1‖), `gr_perturbed_grad_norm` (‖g2‖), `gr_cosine` (cos(g1, g2)), of the
-    step's batch at the parameters it started from (averaged over micro-batches and replicas). With an
-    Adam/AdamW/RMSProp optimizer: `adaptive_lr_mean`, `adaptive_lr_var`, `adaptive_lr_max` of lr/(sqrt(v̂) + eps)
+    step's batch at the parameters it started from (averaged over micro-batches and replicas). On plain steps
+    (λ = 0, zero-warmup): `gr_grad_norm` of the step's gradient (first micro-batch; replica-averaged under DDP).
+    With Adam/AdamW/RMSProp: `adaptive_lr_mean`, `adaptive_lr_var`, `adaptive_lr_max` of lr/(sqrt(v̂) + eps)
     right after the step's update. The entry logged after step s describes step s. Off-diagnostic steps cost
     nothing; a diagnostic GR step holds one copy of g1.
 
@@ -142,14 +147,14 @@ class GRDiagnosticsCallback(TrainerCallback):
         if self.step_state is None or not self.step_state.record_diagnostics:
             return control
         self.step_state.record_diagnostics = False
-        sums = self.step_state.diagnostics
-        micro_batches = sums.pop("_micro_batches", 0)
-        values = {key: sums.pop(key) / micro_batches for key in GRADIENT_KEYS if micro_batches}
+        measured = self.step_state.diagnostics
+        values = {key: sum(measured[key]) / len(measured[key]) for key in GRADIENT_KEYS if measured.get(key)}
+        measured.clear()
         values.update(self._adaptive)
         self._adaptive = {}
         if args.world_size > 1:
             values = _replica_mean(values, args.device)
-        sums.update(values)
+        measured.update(values)
         control.should_log = True  # the entry logged after this step carries the values
         return control
 

@@ -18,7 +18,7 @@ from transformers import Trainer
 from . import checkpoint, gradient
 from .arguments import GRTrainingArguments
 from .callbacks import WARMUP_CALLBACKS, GRStepState, GRWarmupCallback
-from .diagnostics import GRDiagnosticsCallback, SecondPassProbe
+from .diagnostics import GRDiagnosticsCallback, SecondPassProbe, record
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ class GRTrainer(Trainer):
         gr_lambda, gr_r = self.gr_step_state.gr_lambda, self.gr_step_state.gr_r
         self._gr_last_step = (gr_lambda, gr_r)
         if gr_lambda == 0.0 or gr_r == 0.0:
+            if self.gr_step_state.record_diagnostics:
+                return self._plain_step_with_norm(model, inputs, num_items_in_batch)
             return super().training_step(model, inputs, num_items_in_batch)
         if self.args.gr_method == "exact":
             return self._exact_step(model, inputs, num_items_in_batch, gr_lambda)
@@ -169,6 +171,18 @@ class GRTrainer(Trainer):
                 gradient.restore_(params, backup)
             if diagnostics is not None:
                 diagnostics.close()
+        return loss
+
+    def _plain_step_with_norm(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
+    ) -> torch.Tensor:
+        """The stock step, recording ‖g‖ for diagnostics when it is the step's first micro-batch."""
+        first = all(p.grad is None for p in model.parameters())
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if first:
+            _, grads = gradient.params_with_grads(model.parameters())
+            norm = gradient.global_grad_norm(grads).item()
+            record(self.gr_step_state, [("gr_grad_norm", norm / self._diagnostics_scale())])
         return loss
 
     def _exact_step(
@@ -249,10 +263,13 @@ class GRTrainer(Trainer):
 
     def _start_diagnostics(self, params: list[torch.Tensor], grads: list[torch.Tensor], norm: float, alpha: float):
         """Hold g1 aside and watch pass 2, for `GRDiagnosticsCallback` (diagnostic steps only)."""
+        return SecondPassProbe(self.gr_step_state, params, grads, norm, alpha, self._diagnostics_scale())
+
+    def _diagnostics_scale(self) -> float:
+        """What divides a raw gradient norm into one batch's: the fp16 loss scale over the accumulation steps."""
         scaler = getattr(self.accelerator, "scaler", None)
         loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        micro_batches = getattr(self, "current_gradient_accumulation_steps", 1)
-        return SecondPassProbe(self.gr_step_state, params, grads, norm, alpha, loss_scale / micro_batches)
+        return loss_scale / getattr(self, "current_gradient_accumulation_steps", 1)
 
 
 def _take_grads(params: list[torch.Tensor]) -> list[torch.Tensor | None] | None:

@@ -117,3 +117,13 @@ def test_gr_step_holds_one_parameter_sized_buffer(tmp_path, diagnostics, buffers
     assert buffers - 0.05 < extra < buffers + 0.05, extra
     has_keys = any(k in e for e in trainer.state.log_history for k in GRADIENT_KEYS)
     assert has_keys == bool(diagnostics)
+
+
+def test_plain_steps_log_the_gradient_norm(tmp_path):
+    args = make_args(tmp_path, max_steps=3, gr_diagnostics_steps=1, logging_steps=1, gr_lambda=0.0, optim="sgd")
+    trainer = GRTrainer(model=TinyNet(), args=args, train_dataset=DictDataset(64))
+    trainer.train()
+    entries = _diagnostic_entries(trainer)
+    assert len(entries) == 3 and all("gr_perturbed_grad_norm" not in e for e in entries)
+    for e in entries:  # the Trainer's own pre-clipping norm of the same gradient
+        assert e["gr_grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-5)
