@@ -24,6 +24,7 @@ import resource
 import statistics
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -335,23 +336,42 @@ def time_configs(
 def live_tensor_bytes(extra: list[torch.Tensor]) -> int:
     """Bytes of all live CPU tensors reachable from Python (plus `extra`), each storage counted once."""
     seen: dict[int, int] = {}
-    for obj in [*gc.get_objects(), *extra]:
-        if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
-            continue
-        try:
-            storage = obj.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            continue
-        if storage.data_ptr() != 0:
-            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    objects = gc.get_objects()  # holds this frame too: cleared below, or the cycle keeps every tensor alive
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # isinstance() on some deprecated module attributes warns
+            tensors = [obj for obj in objects if isinstance(obj, torch.Tensor)]
+        for tensor in [*tensors, *extra]:
+            if tensor.device.type != "cpu":
+                continue
+            try:
+                storage = tensor.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue
+            if storage.data_ptr() != 0:
+                seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    finally:
+        objects.clear()
     return sum(seen.values())
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: VmHWM (its own, unlike `ru_maxrss`, which survives fork + exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure_memory(name: str, spec: ModelSpec, steps: int = 2, warmup: int = 1) -> dict[str, float]:
     """Run configuration `name` alone; the peak of live tensor bytes at GR's bookkeeping points, and peak RSS.
 
     Parameter `.grad`s are counted explicitly (they can live in C++ only). Warm-up steps create the optimizer
-    state first, so configurations compare at the same state. Peak RSS is the process's `ru_maxrss`: meaningful
+    state first, so configurations compare at the same state. Peak RSS is the process's high-water mark: meaningful
     only when the process ran nothing else (`scripts/benchmark.py` runs each configuration in a subprocess).
     """
     global _memory_probe
@@ -376,7 +396,7 @@ def measure_memory(name: str, spec: ModelSpec, steps: int = 2, warmup: int = 1) 
     return {
         "live_peak_bytes": float(peak),
         "param_bytes": float(param_bytes(runner.model)),
-        "peak_rss_bytes": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+        "peak_rss_bytes": float(peak_rss_bytes()),
     }
 
 

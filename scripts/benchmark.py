@@ -21,6 +21,7 @@ import platform
 import subprocess
 import sys
 import time
+from subprocess import PIPE
 from typing import Any
 
 import torch
@@ -72,15 +73,21 @@ def child_command(args: argparse.Namespace, name: str) -> list[str]:
 
 
 def measure_memory_in_subprocesses(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, float]]:
-    """One fresh process per configuration, so that its peak RSS is its own."""
+    """One fresh process per configuration (two at a time), so that its peak RSS is its own."""
     memory = {}
-    for name in names:
-        result = subprocess.run(child_command(args, name), capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            print(f"memory run of {name} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
-            continue
-        memory[name] = json.loads(result.stdout.strip().splitlines()[-1])
-        print(f"memory: {name} done", file=sys.stderr)
+    pending = list(names)
+    while pending:
+        batch, pending = pending[:2], pending[2:]
+        running = {
+            name: subprocess.Popen(child_command(args, name), stdout=PIPE, stderr=PIPE, text=True) for name in batch
+        }
+        for name, process in running.items():
+            stdout, stderr = process.communicate()
+            if process.returncode != 0:
+                print(f"memory run of {name} failed:\n{stderr[-2000:]}", file=sys.stderr)
+                continue
+            memory[name] = json.loads(stdout.strip().splitlines()[-1])
+            print(f"memory: {name} done", file=sys.stderr)
     return memory
 
 
