@@ -92,3 +92,14 @@ def test_unsupported_distributed_modes_are_refused_at_start_up(tmp_path, monkeyp
     with pytest.raises(ValueError, match=message) as err:
         GRTrainer(model=TinyNet(), args=make_args(tmp_path))
     assert "DDP" in str(err.value)  # names the alternative
+
+
+@pytest.mark.parametrize(
+    "name, kind, processes, machines",
+    [("single_gpu", "NO", 1, 1), ("multi_gpu", "MULTI_GPU", 4, 1), ("multi_node", "MULTI_GPU", 16, 2)],
+)
+def test_accelerate_launch_configs_parse(name, kind, processes, machines):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).parents[1] / "configs" / "accelerate" / f"{name}.yaml"))
+    assert (config.distributed_type.name, config.num_processes, config.num_machines) == (kind, processes, machines)
