@@ -7,21 +7,21 @@
 Times, interleaved in one process (one step of each configuration per round, order rotating, warm-up rounds
 discarded, torch threads fixed), one full optimizer step of: a plain `Trainer`, `GRTrainer` finite-difference
 GR at α = 0.5 and α = 1, `GRTrainer` inside the zero-warmup phase, `gr_method="exact"`, the peer
-`pytorch_optimizer.SAM` around AdamW, and plain/GR with gradient accumulation 2. Then runs each configuration
-in its own subprocess for memory: the live tensor bytes at GR's bookkeeping points (GR's extra buffers over the
-parameter bytes) and peak RSS as a cross-check. Prints a table; `--json PATH` writes every number as flat keys.
+`pytorch_optimizer.SAM` around AdamW, and plain/GR with gradient accumulation 2. First runs each
+configuration in its own (forked) subprocess for memory: the live tensor bytes at GR's bookkeeping points (GR's
+extra buffers over the parameter bytes) and peak RSS as a cross-check. Prints a table; `--json PATH` writes
+every number as flat keys.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
-import subprocess
 import sys
 import time
-from subprocess import PIPE
 from typing import Any
 
 import torch
@@ -52,7 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--configs", default=",".join(bench.CONFIGS), help="comma-separated configurations")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
     parser.add_argument("--json", default=None, help="write all numbers as flat keys to this path")
-    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # internal: one config's memory
     return parser.parse_args(argv)
 
 
@@ -63,31 +62,31 @@ def model_spec(args: argparse.Namespace) -> bench.ModelSpec:
     return spec
 
 
-def child_command(args: argparse.Namespace, name: str) -> list[str]:
-    command = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--threads", str(args.threads)]
-    if args.quick:
-        command.append("--quick")
-    if args.batch_size is not None:
-        command += ["--batch-size", str(args.batch_size)]
-    return command
+def _memory_child(name: str, spec: bench.ModelSpec, connection: Any) -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # reset the peak-RSS mark inherited from the parent (Linux >= 4.0)
+    except OSError:
+        pass
+    connection.send(bench.measure_memory(name, spec))
+    connection.close()
 
 
-def measure_memory_in_subprocesses(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, float]]:
-    """One fresh process per configuration (two at a time), so that its peak RSS is its own."""
+def measure_memory_in_subprocesses(spec: bench.ModelSpec, names: list[str]) -> dict[str, dict[str, float]]:
+    """One forked process per configuration, so that its peak RSS is its own (run before any model is built)."""
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     memory = {}
-    pending = list(names)
-    while pending:
-        batch, pending = pending[:2], pending[2:]
-        running = {
-            name: subprocess.Popen(child_command(args, name), stdout=PIPE, stderr=PIPE, text=True) for name in batch
-        }
-        for name, process in running.items():
-            stdout, stderr = process.communicate()
-            if process.returncode != 0:
-                print(f"memory run of {name} failed:\n{stderr[-2000:]}", file=sys.stderr)
-                continue
-            memory[name] = json.loads(stdout.strip().splitlines()[-1])
-            print(f"memory: {name} done", file=sys.stderr)
+    for name in names:
+        receiver, sender = context.Pipe(duplex=False)
+        process = context.Process(target=_memory_child, args=(name, spec, sender))
+        process.start()
+        sender.close()
+        try:
+            memory[name] = receiver.recv()
+        except EOFError:
+            print(f"memory run of {name} failed (exit code {process.exitcode})", file=sys.stderr)
+        process.join()
+        print(f"memory: {name} done", file=sys.stderr, flush=True)
     return memory
 
 
@@ -115,7 +114,7 @@ def format_table(results: dict[str, Any], names: list[str]) -> str:
             f"{name:<12} {results[f'{name}_median_s']:>9.3f} {results[f'{name}_min_s']:>8.3f} "
             f"{results[f'{name}_max_s']:>8.3f} {over:>8.3f} {_fmt(live):>17} {_fmt(rss):>16}"
         )
-    lines += ["", "ratio (of medians)                paired   target   met"]
+    lines += ["", "ratio (median of per-round ratios) of medians   target   met"]
     for key in (
         "gr_over_plain",
         "gr_a0.5_over_plain",
@@ -131,8 +130,8 @@ def format_table(results: dict[str, Any], names: list[str]) -> str:
             continue
         limit = TARGETS.get(key, (None, ""))[0]
         met = "" if limit is None else ("yes" if results[key] <= limit else "NO")
-        paired = results.get(f"{key}_paired")
-        lines.append(f"{key:<32} {results[key]:>7.3f} {_fmt(paired):>8} {_fmt(limit):>8}   {met}")
+        of_medians = results.get(f"{key}_of_medians")
+        lines.append(f"{key:<34} {results[key]:>7.3f} {_fmt(of_medians):>10} {_fmt(limit):>8}   {met}")
     for name in ("gr_a0.5", "gr_a1", "gr_ga2"):
         if f"{name}_overhead_fraction" not in results:
             continue
@@ -157,10 +156,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = model_spec(args)
-    if args.memory_child is not None:
-        print(json.dumps(bench.measure_memory(args.memory_child, spec)))
-        return {}
-
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = sorted(set(names) - set(bench.CONFIGS))
     if unknown:
@@ -168,8 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = args.steps if args.steps is not None else (10 if args.quick else 8)
     started = time.perf_counter()
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    memory = {} if args.no_memory else measure_memory_in_subprocesses(spec, names)
     timings = bench.time_configs(names, spec, steps=steps, warmup=args.warmup, log=log)
-    memory = {} if args.no_memory else measure_memory_in_subprocesses(args, names)
     results: dict[str, Any] = {
         "model": spec.name,
         "batch_size": spec.batch_size,
