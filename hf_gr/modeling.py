@@ -111,11 +111,11 @@ class DecoupledRMSprop(torch.optim.RMSprop):
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0, **kwargs: Any) -> None:
-        super().__init__(params, lr=lr, weight_decay=0.0, **kwargs)
-        for group in self.param_groups:
+        params = list(params)
+        groups = [dict(g) for g in params] if params and isinstance(params[0], dict) else [{"params": params}]
+        for group in groups:
             group["decoupled_weight_decay"] = group.pop("weight_decay", weight_decay)
-            group["weight_decay"] = 0.0
-        self.defaults["decoupled_weight_decay"] = weight_decay
+        super().__init__(groups, lr=lr, weight_decay=0.0, **kwargs)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:

@@ -97,7 +97,7 @@ class DataArguments:
         default="auto",
         metadata={
             "help": "Training augmentation: basic (flip + reflect-pad + crop, the paper's), crop, none; "
-            "auto = basic (crop for digits).",
+            "auto = basic (none for digits).",
             "choices": list(data.AUGMENTATIONS),
         },
     )

@@ -1,0 +1,325 @@
+"""scripts/train.py end to end, offline on CPU: the quickstart, CIFAR from scratch, Hub ids from a local cache,
+push_to_hub intercepted at huggingface_hub, config/CLI precedence, and the clear errors for bad inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, Features, Image, Value
+from huggingface_hub import HfApi, ModelCard, RepoUrl
+from PIL import Image as PILImage
+from sklearn.datasets import load_digits
+from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, pipeline
+from transformers.models.vit import ViTImageProcessorPil
+
+from hf_gr import data, hub, modeling
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR = REPO.parent / "shared" / "data" / "cifar10"
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
+# A short quickstart: the config file, shortened by flags.
+SHORT = ["--num_train_epochs", "4", "--eval_strategy", "no", "--logging_steps", "10"]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("hf_gr_train_script", REPO / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load_script()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: tiny models on a shared 2-core machine run many times faster than with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _digit_image() -> PILImage.Image:
+    digits = load_digits()
+    return PILImage.fromarray(np.clip(digits.images[0] * 16, 0, 255).astype(np.uint8), mode="L")
+
+
+def _eval_accuracy(output_dir: Path) -> float:
+    return json.loads((output_dir / "all_results.json").read_text())["eval_accuracy"]
+
+
+# ---- end to end ----
+
+
+def test_quickstart_end_to_end(tmp_path):
+    out = tmp_path / "quickstart"
+    metrics = train.main([QUICKSTART, "--output_dir", str(out), *SHORT])
+
+    assert metrics["eval_accuracy"] > 0.3  # chance is 0.1
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "trainer_state.json", "README.md"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "all_results.json").read_text())
+    assert {"train_loss", "train_runtime", "eval_accuracy", "eval_error_rate"} <= set(results)
+    assert results["eval_error_rate"] == pytest.approx(1 - results["eval_accuracy"])
+
+    # Zero-warmup: plain steps (λ = 0) during the LR warmup, then full GR.
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    lambdas = [entry["gr_lambda"] for entry in history if "gr_lambda" in entry]
+    assert lambdas[0] == 0.0 and lambdas[-1] == 0.1
+
+    card = ModelCard.load(out / "README.md")
+    assert {"gradient-regularization", "hf_gr"} <= set(card.data.tags)
+    assert card.data.hf_gr["gr_warmup_strategy"] == "zero"
+    assert card.data.hf_gr["gr_warmup_steps"] == 10  # ceil(0.1 × 92 steps)
+    assert card.data.hf_gr["eval_results"]["accuracy"] == pytest.approx(results["eval_accuracy"])
+
+    classifier = pipeline("image-classification", model=str(out))
+    predictions = classifier(_digit_image())
+    assert predictions[0]["label"] in {str(i) for i in range(10)}
+
+
+@pytest.mark.skipif(not CIFAR.is_dir(), reason="../shared/data/cifar10 is not available")
+def test_from_scratch_vit_on_cifar_parquet(tmp_path):
+    out = tmp_path / "cifar"
+    argv = [
+        "--model_config", "vit-ti", "--config_overrides", TINY,
+        "--train_file", str(CIFAR / "train.parquet"), "--validation_file", str(CIFAR / "test.parquet"),
+        "--max_train_samples", "256", "--max_eval_samples", "64",
+        "--max_steps", "4", "--warmup_steps", "2", "--per_device_train_batch_size", "32",
+        "--save_strategy", "no", "--logging_steps", "1", "--use_cpu", "true", "--output_dir", str(out),
+    ]  # fmt: skip
+    metrics = train.main(argv)
+
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["image_size"], config["patch_size"], config["hidden_size"]) == (32, 4, 32)
+    assert config["hidden_dropout_prob"] == config["attention_probs_dropout_prob"] == 0.1
+    assert config["id2label"]["0"] == "airplane"
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"height": 32, "width": 32}
+    assert processor["image_mean"] == data.CHANNEL_STATS["cifar10"][0]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [e["gr_lambda"] for e in history if "gr_lambda" in e] == [0.0, 0.0, 0.1, 0.1]
+
+
+def _cache_tiny_vit(cache: Path, repo_id: str) -> None:
+    """Write a tiny ViT (3 classes, 16×16) into a huggingface_hub cache layout, as a download would."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / revision
+    config = ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=3,
+    )  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(snapshot)
+    ViTImageProcessorPil(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+        snapshot
+    )
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(revision)
+
+
+def test_hub_id_resolved_offline_from_cache(tmp_path):
+    cache, out = tmp_path / "hub", tmp_path / "finetuned"
+    _cache_tiny_vit(cache, "hf-gr-test/tiny-vit")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HOME", None)
+    argv = [
+        "--model_name_or_path", "hf-gr-test/tiny-vit", "--dataset_name", "digits", "--max_train_samples", "64",
+        "--max_eval_samples", "32", "--max_steps", "2", "--per_device_train_batch_size", "16",
+        "--save_strategy", "no", "--use_cpu", "true", "--output_dir", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), *argv], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    config = json.loads((out / "config.json").read_text())
+    assert len(config["id2label"]) == 10  # a new 10-class head replaced the cached 3-class one
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"height": 16, "width": 16} and processor["image_mean"] == [0.5] * 3
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "hf-gr-test/tiny-vit"
+    assert card.data.hf_gr["base_model"] == "hf-gr-test/tiny-vit"
+
+
+def test_push_to_hub_uploads_weights_and_gr_card(tmp_path, monkeypatch):
+    uploads: list[Path] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, run_as_future=False, **kwargs):
+        assert repo_id == "user/gr-digits"
+        target = tmp_path / f"upload{len(uploads)}"
+        shutil.copytree(folder_path, target, ignore=shutil.ignore_patterns("_*", "checkpoint-*"))
+        uploads.append(target)
+        if run_as_future:
+            future: Future = Future()
+            future.set_result(None)
+            return future
+        return None
+
+    def no_network(self, *args, **kwargs):
+        raise AssertionError("unexpected Hub call")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    for name in ("create_commit", "upload_file", "preupload_lfs_files", "model_info"):
+        monkeypatch.setattr(HfApi, name, no_network)
+
+    out = tmp_path / "out"
+    argv = [QUICKSTART, *SHORT, "--num_train_epochs", "1", "--output_dir", str(out)]
+    train.main([*argv, "--push_to_hub", "true", "--hub_model_id", "user/gr-digits"])
+
+    assert uploads, "nothing was uploaded"
+    uploaded = uploads[-1]
+    assert (uploaded / "model.safetensors").is_file() and (uploaded / "preprocessor_config.json").is_file()
+    card = ModelCard.load(uploaded / "README.md")
+    assert {"gradient-regularization", "hf_gr"} <= set(card.data.tags)
+    gr = card.data.hf_gr
+    assert (gr["gr_lambda"], gr["gr_r"], gr["gr_warmup_strategy"], gr["gr_method"]) == (
+        0.1, 0.1, "zero", "finite_difference"
+    )  # fmt: skip
+    assert gr["dataset"] == "digits" and "accuracy" in gr["eval_results"]
+    model = AutoModelForImageClassification.from_pretrained(uploaded)
+    assert model.config.num_labels == 10
+    assert pipeline("image-classification", model=str(uploaded))(_digit_image())
+
+
+# ---- configuration ----
+
+
+def test_config_file_then_flags(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("dataset_name: digits\nmodel_config: vit-s\nlearning_rate: 0.01\ngr_lambda: 0.2\nseed: 3\n")
+    model_args, data_args, args = train.parse_args([str(config), "--gr_lambda", "0.05", "--seed", "7"])
+    assert (args.gr_lambda, args.seed) == (0.05, 7)  # flags win
+    assert (args.learning_rate, model_args.model_config, data_args.dataset_name) == (0.01, "vit-s", "digits")
+
+    as_json = tmp_path / "run.json"
+    as_json.write_text(json.dumps({"dataset_name": "digits", "model_config": "vit-b", "gr_warmup_strategy": "r"}))
+    model_args, _, args = train.parse_args([str(as_json), "--gr_warmup_strategy", "lambda"])
+    assert (model_args.model_config, args.gr_warmup_strategy) == ("vit-b", "lambda")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "paper").glob("*.yaml")), ids=lambda p: p.stem)
+def test_paper_configs(path):
+    model_args, data_args, args = train.parse_args([str(path), "--gr_warmup_strategy", "lambda"])
+    name, dataset, optimizer = path.stem.split("_")
+    assert model_args.model_config == name and data_args.dataset_name == f"uoft-cs/{dataset}"
+    assert args.gr_warmup_strategy == "lambda"
+    assert (args.learning_rate, args.weight_decay, args.per_device_train_batch_size) == (1e-3, 0.3, 256)
+    assert args.num_train_epochs == 300 and round(args.warmup_steps * 300) == 40
+    assert args.lr_scheduler_type == "cosine" and args.max_grad_norm == 5.0
+    override = train.optimizer_override(model_args, args)
+    if optimizer == "rmsprop":
+        assert override[0] is modeling.DecoupledRMSprop and override[1]["alpha"] == 0.9
+    else:
+        assert override is None and args.optim == "adamw_torch"
+
+
+def test_paper_vit_sizes_and_zero_head():
+    for name, (width, depth, heads, mlp) in {
+        "vit-ti": (192, 12, 3, 768), "vit-s": (384, 12, 6, 1536), "vit-b": (768, 12, 12, 3072)
+    }.items():  # fmt: skip
+        config = modeling.paper_vit_config(name, {0: "a", 1: "b"})
+        assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (width, depth, heads)
+        assert (config.intermediate_size, config.image_size, config.patch_size) == (mlp, 32, 4)
+    model = modeling.paper_vit(modeling.paper_vit_config("vit-ti", {0: "a", 1: "b"}, TINY))
+    assert not model.classifier.weight.any() and not model.classifier.bias.any()
+    assert model.vit.embeddings.position_embeddings.shape[1] == 65  # 64 patches + CLS
+
+
+def test_decoupled_rmsprop_decays_weights_directly():
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = modeling.DecoupledRMSprop([param], lr=0.1, weight_decay=0.5, alpha=0.9, eps=1e-8)
+    param.grad = torch.zeros(3)  # no gradient step: only the decay moves θ
+    optimizer.step()
+    assert torch.allclose(param.detach(), torch.full((3,), 0.95))
+
+
+def test_augmentation_crops_windows_of_the_reflect_padded_image():
+    torch.manual_seed(0)
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    out = data.Augmentation(flip=False, padding=1)(images)
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+    windows = [padded[:, :, i : i + 8, j : j + 8] for i in range(3) for j in range(3)]
+    for n in range(2):
+        assert any(torch.equal(out[n], w[n]) for w in windows)
+    flipped = data.Augmentation(flip=True, padding=0)(images)
+    for n in range(2):
+        assert torch.equal(flipped[n], images[n]) or torch.equal(flipped[n], images[n].flip(-1))
+
+
+# ---- bad inputs: a clear error before any training ----
+
+
+def _write_parquet(path: Path, labels: list) -> str:
+    features = Features({"image": Image(), "label": Value("int64")})
+    images = [PILImage.fromarray(np.full((8, 8, 3), 10 * i, dtype=np.uint8)) for i in range(len(labels))]
+    Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if the script gets as far as building the trainer."""
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the trainer was built despite a bad input")
+
+    monkeypatch.setattr(hub.GRCardTrainer, "__init__", refuse)
+
+
+def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("dataset_name: digits\nmodel_config: vit-ti\nlearning_rte: 0.1\n")
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"this is not parquet")
+    train_file = _write_parquet(tmp_path / "train.parquet", [0, 1, 0, 1])
+    eval_file = _write_parquet(tmp_path / "eval.parquet", [0, 5])
+    scratch = ["--model_config", "vit-ti", "--config_overrides", TINY]
+    return {
+        "unknown config key": ([str(unknown)], "learning_rte"),
+        "unknown flag": (["--dataset_name", "digits", *scratch, "--gr_lamda", "1"], "--gr_lamda"),
+        "missing image column": (["--dataset_name", "digits", *scratch, "--image_column", "pixels"], "'pixels'"),
+        "missing label column": (["--dataset_name", "digits", *scratch, "--label_column", "y"], "'y'"),
+        "unreadable file": (["--train_file", str(garbage), *scratch], "Could not read --train_file"),
+        "missing file": (["--train_file", str(tmp_path / "nope.parquet"), *scratch], "does not exist"),
+        "label outside classes": (
+            ["--train_file", train_file, "--validation_file", eval_file, *scratch],
+            r"Label\(s\) \[5\].*'validation'",
+        ),
+        "unknown override": (["--dataset_name", "digits", "--model_config", "vit-ti", "--config_overrides", "depth=2"],
+                             "no field 'depth'"),  # fmt: skip
+        "two models": (["--dataset_name", "digits", *scratch, "--model_name_or_path", "x/y"], "exactly one"),
+        "no model": (["--dataset_name", "digits"], "exactly one"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown config key", "unknown flag", "missing image column", "missing label column", "unreadable file",
+        "missing file", "label outside classes", "unknown override", "two models", "no model",
+    ],
+)  # fmt: skip
+def test_bad_input_fails_clearly_before_training(case, tmp_path, no_training):
+    argv, message = _bad_cases(tmp_path)[case]
+    with pytest.raises(ValueError, match=message):
+        train.main([*argv, "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
