@@ -260,10 +260,36 @@ class ImageTransform:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
         images = [image.convert("RGB") for image in batch[self.image_column]]
-        pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
+        pixel_values = self._already_sized(images)
+        if pixel_values is None:
+            pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
         if self.augmentation is not None:
             pixel_values = self.augmentation(pixel_values)
         return {"pixel_values": list(pixel_values), "labels": batch[self.label_column]}
+
+    def _already_sized(self, images: list) -> torch.Tensor | None:
+        """The processor's output computed in one vectorized step, when every image already has the processor's
+        (height, width) and the processor only resizes, rescales and normalizes (ViT's); else None."""
+        p = self.image_processor
+        size = getattr(p, "size", None)
+        height, width = (_size_field(size, "height"), _size_field(size, "width")) if size is not None else (None, None)
+        plain = not any(getattr(p, flag, False) for flag in ("do_center_crop", "do_pad", "do_reduce_labels"))
+        if not (plain and height and width and getattr(p, "do_rescale", False)):
+            return None
+        if any(image.size != (width, height) for image in images):
+            return None
+        pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2)
+        pixels = pixels.to(torch.float32) * p.rescale_factor
+        if getattr(p, "do_normalize", False):
+            mean = torch.tensor(p.image_mean, dtype=torch.float32)[:, None, None]
+            std = torch.tensor(p.image_std, dtype=torch.float32)[:, None, None]
+            pixels = (pixels - mean) / std
+        return pixels.contiguous()
+
+
+def _size_field(size: Any, name: str) -> int | None:
+    """A field of an image processor's `size` (a dict, or transformers' `SizeDict`)."""
+    return size.get(name) if isinstance(size, dict) else getattr(size, name, None)
 
 
 def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

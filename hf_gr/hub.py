@@ -18,6 +18,9 @@ from .trainer import GRTrainer
 
 GR_TAGS = ("gradient-regularization", "hf_gr")
 _SECTION_TITLE = "## Gradient regularization"
+_TIMINGS = ("runtime", "per_second")
+# What `Trainer.create_model_card` writes for a model with no base (its `_name_or_path` is empty).
+_NO_BASE_TEXT = "This model is a fine-tuned version of [](https://huggingface.co/) on"
 
 
 def gr_card_metadata(trainer: GRTrainer, dataset: str | None = None, base_model: str | None = None) -> dict[str, Any]:
@@ -27,7 +30,9 @@ def gr_card_metadata(trainer: GRTrainer, dataset: str | None = None, base_model:
     eval_results = {}
     for entry in trainer.state.log_history:
         if any(key.startswith("eval_") for key in entry):
-            eval_results = {k[len("eval_") :]: v for k, v in entry.items() if k.startswith("eval_")}
+            eval_results = {
+                k[len("eval_") :]: v for k, v in entry.items() if k.startswith("eval_") and not k.endswith(_TIMINGS)
+            }
     return {
         "gr_lambda": args.gr_lambda,
         "gr_r": args.gr_r,
@@ -56,7 +61,7 @@ def add_gr_to_model_card(path: str, metadata: dict[str, Any]) -> ModelCard:
     if metadata.get("dataset") and not card.data.datasets:
         card.data.datasets = [metadata["dataset"]]
     section = _gr_section(metadata)
-    text = card.text
+    text = card.text.replace(_NO_BASE_TEXT, "This model was trained from scratch on")
     if _SECTION_TITLE in text:
         text = text[: text.index(_SECTION_TITLE)].rstrip() + "\n"
     card.text = text.rstrip() + "\n\n" + section

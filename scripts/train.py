@@ -221,7 +221,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     transformers.utils.logging.set_verbosity(log_level)
-    logger.info("GR: λ=%s r=%s warmup=%s", training_args.gr_lambda, training_args.gr_r, training_args.gr_warmup_strategy)
+    logger.info(
+        "GR: λ=%s r=%s warmup=%s", training_args.gr_lambda, training_args.gr_r, training_args.gr_warmup_strategy
+    )
 
     # The dataset, its columns and labels: every input error surfaces here, before any model is built.
     with training_args.main_process_first(desc="loading the dataset"):

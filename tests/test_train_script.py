@@ -85,6 +85,7 @@ def test_quickstart_end_to_end(tmp_path):
     assert card.data.hf_gr["gr_warmup_strategy"] == "zero"
     assert card.data.hf_gr["gr_warmup_steps"] == 10  # ceil(0.1 × 92 steps)
     assert card.data.hf_gr["eval_results"]["accuracy"] == pytest.approx(results["eval_accuracy"])
+    assert "trained from scratch on the digits dataset" in card.text and "## Gradient regularization" in card.text
 
     classifier = pipeline("image-classification", model=str(out))
     predictions = classifier(_digit_image())
@@ -304,8 +305,10 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             ["--train_file", train_file, "--validation_file", eval_file, *scratch],
             r"Label\(s\) \[5\].*'validation'",
         ),
-        "unknown override": (["--dataset_name", "digits", "--model_config", "vit-ti", "--config_overrides", "depth=2"],
-                             "no field 'depth'"),  # fmt: skip
+        "unknown override": (
+            ["--dataset_name", "digits", "--model_config", "vit-ti", "--config_overrides", "depth=2"],
+            "no field 'depth'",
+        ),  # fmt: skip
         "two models": (["--dataset_name", "digits", *scratch, "--model_name_or_path", "x/y"], "exactly one"),
         "no model": (["--dataset_name", "digits"], "exactly one"),
     }
@@ -323,3 +326,17 @@ def test_bad_input_fails_clearly_before_training(case, tmp_path, no_training):
     with pytest.raises(ValueError, match=message):
         train.main([*argv, "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_fast_path_equals_the_image_processor():
+    processor = ViTImageProcessorPil(
+        size={"height": 32, "width": 32}, image_mean=[0.49, 0.48, 0.45], image_std=[0.25] * 3
+    )
+    rng = np.random.default_rng(0)
+    images = [PILImage.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
+    transform = data.ImageTransform(processor, "image", "label")
+    expected = processor(images, return_tensors="pt")["pixel_values"]
+    got = torch.stack(transform({"image": images, "label": [0, 1, 2, 3]})["pixel_values"])
+    assert torch.allclose(got, expected, atol=1e-5)
+    resized = transform({"image": [PILImage.new("RGB", (8, 8))], "label": [0]})["pixel_values"][0]  # processor path
+    assert resized.shape == (3, 32, 32)
