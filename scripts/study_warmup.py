@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -58,8 +59,10 @@ def train_command(args: argparse.Namespace, output_dir: Path, epochs: float, gr_
 def run(command: list[str], log: Path) -> float:
     """Run one training process (its output to `log`); the wall time in seconds."""
     start = time.perf_counter()
+    # One torch thread unless told otherwise: on 2 shared cores, 2 OpenMP threads run ~15x slower (spin-waits).
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with log.open("w") as handle:
-        subprocess.run(command, check=True, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+        subprocess.run(command, check=True, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     return time.perf_counter() - start
 
 
@@ -104,15 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default="runs/study")
     parser.add_argument("--figure", default="docs/study-cpu.png")
-    parser.add_argument("--train_rows", type=int, default=4000)
-    parser.add_argument("--epochs", type=float, default=10)
-    parser.add_argument("--warmup_epochs", type=float, default=2)
+    parser.add_argument("--train_rows", type=int, default=5000)
+    parser.add_argument("--epochs", type=float, default=20)
+    parser.add_argument("--warmup_epochs", type=float, default=3)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument(
         "--gr_r", type=float, default=None, help="r (= λ, α = 1) of the GR runs (default: the sweep's best, else 0.1)"
     )
-    parser.add_argument("--diagnostics_steps", type=int, default=4)
+    parser.add_argument("--diagnostics_steps", type=int, default=8)
     parser.add_argument(
         "--model",
         default="hidden_size=64,num_hidden_layers=4,num_attention_heads=4,intermediate_size=128",
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--runs", default=",".join(RUNS), help="which of: " + ", ".join(RUNS))
     parser.add_argument("--sweep_r", default="", help="comma-separated r values for a short GR sweep first")
-    parser.add_argument("--sweep_epochs", type=float, default=4)
+    parser.add_argument("--sweep_epochs", type=float, default=5)
     args = parser.parse_args(argv)
     if not (CIFAR / "train.parquet").is_file():
         print(f"error: {CIFAR} not found (the study needs ../shared/data/cifar10)", file=sys.stderr)
