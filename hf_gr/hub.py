@@ -1,9 +1,9 @@
 """Model cards that record gradient regularization, for the output directory and for `push_to_hub`.
 
 The Trainer writes its card (`Trainer.create_model_card`, also called by `Trainer.push_to_hub` just before the
-upload); `GRCardTrainer` adds to it, in the YAML metadata, an `hf_gr` block with the GR settings (λ, r, α, the
-warmup strategy and its length W, the method), the dataset, the base model and the eval results, plus the tags
-`gradient-regularization` and `hf_gr`, and a short "Gradient regularization" section in the text.
+upload); `GRTrainer.create_model_card` then adds to it, in the YAML metadata, an `hf_gr` block with the GR
+settings (λ, r, α, the warmup strategy and its length W, the method), the dataset, the base model and the eval
+results, plus the tags `gradient-regularization` and `hf_gr`, and a short "Gradient regularization" section.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import os
 from typing import Any
 
 from huggingface_hub import ModelCard
+from transformers import TrainerState
 
+from .arguments import GRTrainingArguments
 from .callbacks import resolve_warmup_steps
-from .trainer import GRTrainer
 
 GR_TAGS = ("gradient-regularization", "hf_gr")
 _SECTION_TITLE = "## Gradient regularization"
@@ -23,12 +24,13 @@ _TIMINGS = ("runtime", "per_second")
 _NO_BASE_TEXT = "This model is a fine-tuned version of [](https://huggingface.co/) on"
 
 
-def gr_card_metadata(trainer: GRTrainer, dataset: str | None = None, base_model: str | None = None) -> dict[str, Any]:
+def gr_card_metadata(
+    args: GRTrainingArguments, state: TrainerState, dataset: str | None = None, base_model: str | None = None
+) -> dict[str, Any]:
     """The `hf_gr` metadata block: GR settings, W, the dataset, the base model and the latest eval results."""
-    args = trainer.args
-    max_steps = trainer.state.max_steps or args.max_steps
+    max_steps = state.max_steps or args.max_steps
     eval_results = {}
-    for entry in trainer.state.log_history:
+    for entry in state.log_history:
         if any(key.startswith("eval_") for key in entry):
             eval_results = {
                 k[len("eval_") :]: v for k, v in entry.items() if k.startswith("eval_") and not k.endswith(_TIMINGS)
@@ -90,28 +92,3 @@ def _fmt(value: Any) -> str:
 
 def _plain(value: Any) -> Any:
     return float(value) if isinstance(value, float) else value
-
-
-class GRCardTrainer(GRTrainer):
-    """A `GRTrainer` whose model card (written by `create_model_card` and by `push_to_hub`) records GR.
-
-    Args:
-        card_dataset (`str`, *optional*): the dataset name for the card.
-        card_base_model (`str`, *optional*): the Hub id or path of the model fine-tuned (None: from scratch).
-        *args, **kwargs: as for `GRTrainer`.
-    """
-
-    def __init__(self, *args: Any, card_dataset: str | None = None, card_base_model: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.card_dataset = card_dataset
-        self.card_base_model = card_base_model
-
-    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """The Trainer's card plus the `hf_gr` metadata block, the GR tags and a GR section."""
-        kwargs.setdefault("finetuned_from", self.card_base_model)
-        if self.card_dataset:
-            kwargs.setdefault("dataset", self.card_dataset)
-        super().create_model_card(*args, **kwargs)
-        if self.is_world_process_zero():
-            path = os.path.join(self.args.output_dir, "README.md")
-            add_gr_to_model_card(path, gr_card_metadata(self, self.card_dataset, self.card_base_model))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from . import checkpoint, gradient
+from . import checkpoint, gradient, hub
 from .arguments import GRTrainingArguments
 from .callbacks import WARMUP_CALLBACKS, GRStepState, GRWarmupCallback
 from .diagnostics import GRDiagnosticsCallback, SecondPassProbe, record
@@ -214,6 +215,24 @@ class GRTrainer(Trainer):
             logs.update(self.gr_step_state.diagnostics)
             self.gr_step_state.diagnostics.clear()
         super().log(logs, *args, **kwargs)
+
+    # ---- model card ----
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The Trainer's card (also written by `push_to_hub`) plus an `hf_gr` metadata block, GR tags and section.
+
+        `dataset` and `finetuned_from` (the base model; None for a model trained from scratch) go into the card.
+        """
+        super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            dataset = kwargs.get("dataset")
+            metadata = hub.gr_card_metadata(
+                self.args,
+                self.state,
+                dataset[0] if isinstance(dataset, list) else dataset,
+                kwargs.get("finetuned_from"),
+            )
+            hub.add_gr_to_model_card(os.path.join(self.args.output_dir, "README.md"), metadata)
 
     # ---- checkpoints ----
 

@@ -28,8 +28,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 from transformers.models.vit import ViTImageProcessorPil
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_gr import GRTrainingArguments, data, modeling
-from hf_gr.hub import GRCardTrainer
+from hf_gr import GRTrainer, GRTrainingArguments, data, modeling
 from hf_gr.metrics import ACCURACY_PATH
 
 logger = logging.getLogger(__name__)
@@ -258,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     raw["validation"].set_transform(data.ImageTransform(image_processor, image_column, label_column))
     training_args.remove_unused_columns = False  # the transforms need the image column
 
-    trainer = GRCardTrainer(
+    trainer = GRTrainer(
         model=model,
         args=training_args,
         train_dataset=raw["train"] if training_args.do_train else None,
@@ -267,8 +266,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         compute_metrics=compute_metrics_fn(),
         processing_class=image_processor,
         optimizer_cls_and_kwargs=optimizer_override(model_args, training_args),
-        card_dataset=data_args.dataset_name or _file_name(data_args.train_file),
-        card_base_model=model_args.model_name_or_path,
     )
 
     metrics: dict[str, float] = {}
@@ -291,7 +288,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
 
-    card_kwargs = {"tasks": "image-classification", "tags": ["image-classification", "vision"]}
+    card_kwargs = {
+        "tasks": "image-classification",
+        "tags": ["image-classification", "vision"],
+        "finetuned_from": model_args.model_name_or_path,
+        "dataset": data_args.dataset_name or _file_name(data_args.train_file),
+    }
     if training_args.push_to_hub:
         trainer.push_to_hub(**card_kwargs)
     else:

@@ -22,7 +22,7 @@ from sklearn.datasets import load_digits
 from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, pipeline
 from transformers.models.vit import ViTImageProcessorPil
 
-from hf_gr import data, hub, modeling
+from hf_gr import GRTrainer, data, modeling
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
@@ -283,7 +283,7 @@ def no_training(monkeypatch):
     def refuse(self, *args, **kwargs):
         raise AssertionError("the trainer was built despite a bad input")
 
-    monkeypatch.setattr(hub.GRCardTrainer, "__init__", refuse)
+    monkeypatch.setattr(GRTrainer, "__init__", refuse)
 
 
 def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
