@@ -112,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     """Parse `[config.yaml|config.json] [--flag value ...]`; flags override the file, unknown keys are errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(ARGUMENT_CLASSES)
+    # The whole job by default: train and evaluate unless told `--do_train false` / `--do_eval false`
+    # (TrainingArguments would otherwise skip training whenever an eval_strategy is set).
+    parser.set_defaults(do_train=True, do_eval=True)
     if argv and not argv[0].startswith("-"):
         parser.set_defaults(**read_config_file(argv.pop(0)))
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
@@ -212,8 +215,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train, evaluate, save (and push); returns the train and eval metrics."""
     model_args, data_args, training_args = parse_args(argv)
     check_args(model_args, data_args)
-    if not (training_args.do_train or training_args.do_eval):
-        training_args.do_train = training_args.do_eval = True  # neither asked for: the whole job
 
     # Logging: the Trainer's verbosity on the main process, warnings elsewhere.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)

@@ -340,3 +340,10 @@ def test_fast_path_equals_the_image_processor():
     assert torch.allclose(got, expected, atol=1e-5)
     resized = transform({"image": [PILImage.new("RGB", (8, 8))], "label": [0]})["pixel_values"][0]  # processor path
     assert resized.shape == (3, 32, 32)
+
+
+def test_trains_and_evaluates_by_default_even_with_an_eval_strategy():
+    _, _, args = train.parse_args(["--dataset_name", "digits", "--model_config", "vit-ti", "--eval_strategy", "epoch"])
+    assert args.do_train and args.do_eval
+    _, _, args = train.parse_args(["--dataset_name", "digits", "--model_config", "vit-ti", "--do_train", "false"])
+    assert not args.do_train and args.do_eval
