@@ -162,6 +162,9 @@ class GRTrainer(Trainer):
             if scale is not None:
                 backup = gradient.perturb_(params, grads, scale)
             gradient.combine_first_pass_(trainable, alpha, accumulated)
+            # g1 (dropped from `.grad` at α = 1) and the put-aside sum now live in `.grad` or nowhere:
+            # holding these lists through pass 2 would keep one more parameter-sized buffer alive.
+            del accumulated, grads
             _set_rng_state(rng_state)
             self._gr_loss_scale = alpha
             with _frozen_running_stats(model):

@@ -97,24 +97,31 @@ def _live_tensor_bytes() -> int:
 
 
 class _MeasuringTrainer(GRTrainer):
-    """Live tensor bytes at each pass's loss: pass 2 minus pass 1 is what GR holds, `.grad` included."""
+    """Live tensor bytes at each pass's loss: pass 2 minus pass 1 is what GR holds there, `.grad` included."""
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         self.live.append(_live_tensor_bytes())
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
-@pytest.mark.parametrize("diagnostics, buffers", [(0, 1), (1, 2)])
-def test_gr_step_holds_one_parameter_sized_buffer(tmp_path, diagnostics, buffers):
+@pytest.mark.parametrize(
+    "gr_lambda, diagnostics, buffers",
+    [
+        (0.05, 0, 2),  # α = 0.5: the θ copy, and (1 − α)·g1 already in `.grad`
+        (0.1, 0, 1),  # α = 1 (SAM): the θ copy only; g1 is dropped before pass 2
+        (0.05, 1, 3),  # a diagnostic step also holds g1 aside once
+    ],
+)
+def test_memory_gr_holds_during_pass_two(tmp_path, gr_lambda, diagnostics, buffers):
     model = TinyNet(in_dim=64, hidden=512)  # parameters dominate the few activations
-    args = make_args(tmp_path, max_steps=1, gr_diagnostics_steps=diagnostics, gr_lambda=0.05, optim="sgd")
+    args = make_args(tmp_path, max_steps=1, gr_diagnostics_steps=diagnostics, gr_lambda=gr_lambda, optim="sgd")
     trainer = _MeasuringTrainer(model=model, args=args, train_dataset=DictDataset(64, in_dim=64))
     trainer.live = []
     trainer.train()
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    pass_one, pass_two = trainer.live
-    extra = (pass_two - pass_one - param_bytes) / param_bytes  # less `.grad`, which a plain step holds too
-    assert buffers - 0.05 < extra < buffers + 0.05, extra
+    pass_one, pass_two = trainer.live  # live tensor bytes when each pass starts its forward
+    held = (pass_two - pass_one) / param_bytes
+    assert buffers - 0.05 < held < buffers + 0.05, held
     has_keys = any(k in e for e in trainer.state.log_history for k in GRADIENT_KEYS)
     assert has_keys == bool(diagnostics)
 
