@@ -24,7 +24,13 @@ import evaluate
 import numpy as np
 import transformers
 import yaml
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    HfArgumentParser,
+    set_seed,
+)
 from transformers.models.vit import ViTImageProcessorPil
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -245,7 +251,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     raw, labels = data.prepare_labels(raw, label_column)
     logger.info("%d classes; %d train / %d eval examples", len(labels), len(raw["train"]), len(raw["validation"]))
 
-    # The model and its image processor (the checkpoint's own, or CIFAR normalization for from-scratch ViTs).
+    # The model and its image processor (the checkpoint's own, or CIFAR normalization for from-scratch ViTs),
+    # initialized from the seed: runs that differ only in their GR settings start from the same weights.
+    set_seed(training_args.seed)
     stats = None
     if model_args.model_config is not None:
         stats = data.channel_stats(data_args.dataset_name or data_args.train_file, raw["train"], image_column)

@@ -347,3 +347,10 @@ def test_trains_and_evaluates_by_default_even_with_an_eval_strategy():
     assert args.do_train and args.do_eval
     _, _, args = train.parse_args(["--dataset_name", "digits", "--model_config", "vit-ti", "--do_train", "false"])
     assert not args.do_train and args.do_eval
+
+
+def test_same_seed_same_run(tmp_path):
+    """Runs that differ only in their output directory train identically (the model init follows the seed)."""
+    argv = [QUICKSTART, *SHORT, "--max_steps", "3", "--do_eval", "false"]
+    losses = [train.main([*argv, "--output_dir", str(tmp_path / f"run{i}")])["train_loss"] for i in range(2)]
+    assert losses[0] == losses[1]
