@@ -35,8 +35,8 @@ class GRTrainingArguments(TrainingArguments):
             "finite_difference" is the two-pass Hessian-free gradient; "exact" is the double-backprop gradient
             ∇L + λ·H∇L/‖∇L‖, for verification and small models (single process only).
         gr_sync_perturbation (`bool`, defaults to False):
-            Under data parallelism, perturb with the replica-averaged g1 (one extra all-reduce per GR step)
-            instead of each replica's own g1.
+            Under data parallelism, perturb with the replica-averaged g1 (one extra all-reduce per GR
+            micro-batch) instead of each replica's own g1.
         gr_diagnostics_steps (`int`, defaults to 0):
             Every N optimizer steps, log ‖g1‖, ‖g2‖, cos(g1, g2) and the adaptive-LR statistics; 0 is off.
     """
@@ -69,7 +69,7 @@ class GRTrainingArguments(TrainingArguments):
     )
     gr_sync_perturbation: bool = field(
         default=False,
-        metadata={"help": "Perturb with the replica-averaged g1 (one extra all-reduce per GR step)."},
+        metadata={"help": "Perturb with the replica-averaged g1 (one extra all-reduce per GR micro-batch)."},
     )
     gr_diagnostics_steps: int = field(
         default=0,

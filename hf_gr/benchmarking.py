@@ -38,7 +38,16 @@ from .arguments import GRTrainingArguments
 from .trainer import GRTrainer
 
 GR_R = 0.1  # the paper's CIFAR radius; α = λ / r
-BOOKKEEPING_FUNCTIONS = ("params_with_grads", "global_grad_norm", "perturb_", "combine_first_pass_", "restore_")
+BOOKKEEPING_FUNCTIONS = (
+    "take_grads",
+    "params_with_grads",
+    "global_grad_norm",
+    "snapshot",
+    "perturb_",
+    "prepare_second_pass_",
+    "finish_second_pass_",
+    "restore_",
+)
 
 
 @dataclass(frozen=True)
@@ -281,8 +290,8 @@ def instrumented() -> Iterator[None]:
     try:
         for name, function in originals.items():
             # `perturb_` returns with θ's copy, g1 and (under accumulation) the put-aside gradients all alive;
-            # after `combine_first_pass_`, what stays alive is what GR holds through pass 2.
-            setattr(gradient, name, _timed(name, function, probe=name in ("perturb_", "combine_first_pass_")))
+            # after `prepare_second_pass_`, what stays alive is what GR holds through pass 2.
+            setattr(gradient, name, _timed(name, function, probe=name in ("perturb_", "prepare_second_pass_")))
         Trainer.training_step = _timed("pass", original_step)
         yield
     finally:

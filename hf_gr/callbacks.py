@@ -14,10 +14,13 @@ see the trainer: `GRTrainer` hands each one the `GRStepState` it reads at every 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,9 +79,21 @@ class GRWarmupCallback(TrainerCallback):
         """(λ_t, r_t) for the base (λ, r) at warmup fraction f(t)."""
         raise NotImplementedError
 
-    def on_step_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
+        """Warn when there is nothing to warm up over (W = 0: full GR from the first step)."""
+        if resolve_warmup_steps(args, state.max_steps, self.warmup_steps) == 0:
+            logger.warning(
+                "%s-warmup has W = 0 (no LR warmup and no gr_warmup_steps): full GR from the first step.",
+                self.strategy,
+            )
+        return control
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        """Set λ_t and r_t for the optimizer step that starts at `state.global_step`."""
         if self.step_state is None:
             raise RuntimeError(
                 f"{type(self).__name__} is not bound to a GRTrainer: pass it to GRTrainer(callbacks=...)."
@@ -94,7 +109,7 @@ class LambdaWarmupCallback(GRWarmupCallback):
     strategy = "lambda"
 
     def coefficients(self, gr_lambda: float, gr_r: float, fraction: float) -> tuple[float, float]:
-        return (gr_lambda / gr_r) * fraction * gr_r, gr_r
+        return gr_lambda * fraction, gr_r
 
 
 class RWarmupCallback(GRWarmupCallback):

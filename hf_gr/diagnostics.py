@@ -9,7 +9,7 @@ variance of the per-element adaptive learning rate lr/(sqrt(v̂) + eps) grows wh
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -22,50 +22,71 @@ GRADIENT_KEYS = ("gr_grad_norm", "gr_perturbed_grad_norm", "gr_cosine")
 ADAPTIVE_LR_KEYS = ("adaptive_lr_mean", "adaptive_lr_var", "adaptive_lr_max")
 
 
-class SecondPassProbe:
-    """Measures ‖g2‖ and cos(g1, g2) during GR's second backward, with one held copy of g1.
-
-    Gradient hooks see each parameter's pass-2 gradient (α·g2, this replica's own, before accumulation and
-    DDP's all-reduce), so the combined gradient in `.grad` is never disturbed.
+class GradientNormProbe:
+    """Measures ‖g‖ of one backward with gradient hooks: each parameter's gradient of this pass, this replica's
+    own, before accumulation into `.grad` and before DDP's all-reduce. Records `gr_grad_norm` on `close()`.
 
     Args:
-        step_state: where the measurements are added (sums over the step's micro-batches).
+        step_state: where the measurement is added (one value per micro-batch, averaged at the step's end).
+        params: the parameters to watch.
+        scale: divides the raw norm (loss scale over the accumulation normalization), so it describes one batch.
+    """
+
+    def __init__(self, step_state: GRStepState, params: list[torch.Tensor], scale: float) -> None:
+        self.step_state, self.scale = step_state, scale
+        self.squares: list[torch.Tensor] = []
+        self.handles = [p.register_hook(self._square) for p in params]
+
+    def _square(self, grad: torch.Tensor) -> None:
+        self.squares.append(grad.detach().double().pow(2).sum())
+
+    def _remove_hooks(self) -> float:
+        for handle in self.handles:
+            handle.remove()
+        return math.sqrt(_total(self.squares))
+
+    def close(self) -> None:
+        record(self.step_state, [("gr_grad_norm", self._remove_hooks() / self.scale)])
+
+
+class SecondPassProbe(GradientNormProbe):
+    """Measures ‖g2‖ and cos(g1, g2) during GR's second backward, with one held copy of g1.
+
+    Args:
+        step_state: where the measurements are added.
         params / grads: the parameters and their g1 (read before `.grad` is rescaled in place).
         norm: ‖g1‖ as the step computed it.
-        alpha: the pass-2 loss scale α.
-        scale: divides the raw norms (loss scale × accumulation normalization), so they describe one batch.
+        scale: as for `GradientNormProbe`.
     """
 
     def __init__(
-        self,
-        step_state: GRStepState,
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        norm: float,
-        alpha: float,
-        scale: float,
+        self, step_state: GRStepState, params: list[torch.Tensor], grads: list[torch.Tensor], norm: float, scale: float
     ) -> None:
-        self.step_state, self.norm, self.alpha, self.scale = step_state, norm, alpha, scale
-        self.squared = torch.zeros((), dtype=torch.float64)
-        self.dot = torch.zeros((), dtype=torch.float64)
-        self.g1 = [g.detach().clone() for g in grads]
-        self.handles = [p.register_hook(self._hook(g1)) for p, g1 in zip(params, self.g1)]
+        self.norm = norm
+        self.g1 = {id(p): g.detach().clone() for p, g in zip(params, grads)}
+        self.dots: list[torch.Tensor] = []
+        super().__init__(step_state, [], scale)
+        self.handles = [p.register_hook(self._hook(self.g1[id(p)])) for p in params]
 
-    def _hook(self, g1: torch.Tensor):
+    def _hook(self, g1: torch.Tensor) -> Callable[[torch.Tensor], None]:
         def accumulate(grad: torch.Tensor) -> None:
-            self.squared += grad.double().pow(2).sum().cpu()
-            self.dot += (grad.double() * g1.double()).sum().cpu()
+            self._square(grad)
+            self.dots.append((grad.detach().double() * g1.double()).sum())
 
         return accumulate
 
     def close(self) -> None:
         """Remove the hooks, release g1 and add this micro-batch's ‖g1‖, ‖g2‖, cos(g1, g2) to the step state."""
-        for handle in self.handles:
-            handle.remove()
-        self.g1 = []
-        g2_norm = math.sqrt(float(self.squared)) / self.alpha
-        cosine = float(self.dot) / self.alpha / (self.norm * g2_norm) if g2_norm > 0 and self.norm > 0 else 0.0
+        g2_norm = self._remove_hooks()
+        self.g1 = {}
+        dot = _total(self.dots)
+        cosine = dot / (self.norm * g2_norm) if g2_norm > 0 and self.norm > 0 else 0.0
         record(self.step_state, zip(GRADIENT_KEYS, (self.norm / self.scale, g2_norm / self.scale, cosine)))
+
+
+def _total(parts: list[torch.Tensor]) -> float:
+    """The sum of 0-dim tensors, synchronized with the host once."""
+    return float(sum(t.cpu() for t in parts)) if parts else 0.0
 
 
 def record(step_state: GRStepState, values: Iterable[tuple[str, float]]) -> None:
@@ -81,7 +102,7 @@ def adaptive_lr_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     Empty for optimizers without such state (SGD) or before the first step.
     """
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-    total, total_sq, largest, count = 0.0, 0.0, -math.inf, 0
+    sums, squares, maxima, count = [], [], [], 0
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state.get(p, {})
@@ -93,18 +114,15 @@ def adaptive_lr_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:
             else:
                 continue
             rate = group["lr"] / (v_hat.sqrt() + group["eps"])
-            total += float(rate.sum())
-            total_sq += float(rate.pow(2).sum())
-            largest = max(largest, float(rate.max()))
+            sums.append(rate.sum().cpu())
+            squares.append(rate.pow(2).sum().cpu())
+            maxima.append(rate.max().cpu())
             count += rate.numel()
     if count == 0:
         return {}
-    mean = total / count
-    return {
-        "adaptive_lr_mean": mean,
-        "adaptive_lr_var": max(total_sq / count - mean**2, 0.0),
-        "adaptive_lr_max": largest,
-    }
+    mean = float(sum(sums)) / count
+    variance = max(float(sum(squares)) / count - mean**2, 0.0)
+    return {"adaptive_lr_mean": mean, "adaptive_lr_var": variance, "adaptive_lr_max": float(max(maxima))}
 
 
 class GRDiagnosticsCallback(TrainerCallback):

@@ -55,48 +55,89 @@ def perturbation_scale(norm: float, r: float, floor: float) -> float | None:
     return r / norm
 
 
-def perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scale: float) -> list[torch.Tensor]:
-    """θ ← θ + scale·g1 in place; returns a copy of θ taken before, for a bit-exact `restore_`."""
-    backup = [p.detach().clone() for p in params]
+def take_grads(params: Sequence[torch.Tensor]) -> list[torch.Tensor | None] | None:
+    """Detach every `.grad` from its parameter and return them (None when there is nothing to put aside)."""
+    grads = [p.grad for p in params]
+    if all(g is None for g in grads):
+        return None
+    for p in params:
+        p.grad = None
+    return grads
+
+
+def snapshot(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A copy of θ, for a bit-exact `restore_` (restoring by subtraction would not be exact)."""
+    return [p.detach().clone() for p in params]
+
+
+def perturb_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scale: float) -> None:
+    """θ ← θ + scale·g1 in place (ε = r·g1/‖g1‖ with scale = r/‖g1‖)."""
     with torch.no_grad():
         torch._foreach_add_(params, grads, alpha=scale)
-    return backup
 
 
 def restore_(params: Sequence[torch.Tensor], backup: Sequence[torch.Tensor]) -> None:
-    """θ ← the copy taken by `perturb_`, bit for bit (restoring by subtraction would not be exact)."""
+    """θ ← the copy taken by `snapshot`, bit for bit."""
     with torch.no_grad():
         torch._foreach_copy_(params, backup)
 
 
-def combine_first_pass_(
+def prepare_second_pass_(
     params: Sequence[torch.Tensor], alpha: float, accumulated: Sequence[torch.Tensor | None] | None = None
 ) -> None:
-    """Turn `.grad` = g1 into (1 − α)·g1 + A in place, ready for pass 2 to accumulate α·g2 on top.
+    """Turn `.grad` = g1 into ((1 − α)·g1 + A)/α in place, so that pass 2 can add g2 with its loss untouched.
 
+    After pass 2, `finish_second_pass_` multiplies by α: α·((1 − α)·g1 + A)/α + α·g2 = (1 − α)·g1 + α·g2 + A.
     `accumulated` (A) holds what earlier micro-batches left in `.grad`, one entry per parameter (or None).
-    With α = 1 (SAM) g1 is dropped without arithmetic.
+    With α = 1 (SAM) g1 is dropped and nothing is scaled.
     """
-    grads = [p.grad for p in params if p.grad is not None]
     with torch.no_grad():
         if alpha == 1.0:
             for p in params:
                 p.grad = None
-        elif grads:
-            torch._foreach_mul_(grads, 1.0 - alpha)
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, (1.0 - alpha) / alpha)
         if accumulated is None:
             return
-        add_to, add_from = [], []
+        moved, add_to, add_from = [], [], []
         for p, a in zip(params, accumulated, strict=True):
             if a is None:
                 continue
             if p.grad is None:
                 p.grad = a
+                moved.append(a)
             else:
                 add_to.append(p.grad)
                 add_from.append(a)
+        if alpha != 1.0 and moved:
+            torch._foreach_div_(moved, alpha)
         if add_to:
-            torch._foreach_add_(add_to, add_from)
+            torch._foreach_add_(add_to, add_from, alpha=1.0 / alpha)
+
+
+def finish_second_pass_(params: Sequence[torch.Tensor], alpha: float) -> None:
+    """`.grad` ← α·`.grad` after pass 2 (see `prepare_second_pass_`); nothing to do for α = 1."""
+    if alpha == 1.0:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        with torch.no_grad():
+            torch._foreach_mul_(grads, alpha)
+
+
+def add_back_(params: Sequence[torch.Tensor], accumulated: Sequence[torch.Tensor | None] | None) -> None:
+    """`.grad` ← g1 + A, when pass 1 alone makes the step (‖g1‖ zero or not finite)."""
+    if accumulated is None:
+        return
+    with torch.no_grad():
+        for p, a in zip(params, accumulated, strict=True):
+            if a is not None:
+                if p.grad is None:
+                    p.grad = a
+                else:
+                    p.grad.add_(a)
 
 
 def exact_gr_loss(loss: torch.Tensor, params: Sequence[torch.Tensor], gr_lambda: float) -> torch.Tensor:

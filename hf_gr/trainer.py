@@ -6,20 +6,18 @@ gradient accumulation, loss normalization, mixed precision, dropout masks, and d
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
 
-from . import checkpoint, gradient, hub
+from . import checkpoint, gradient, hub, replay
 from .arguments import GRTrainingArguments
 from .callbacks import WARMUP_CALLBACKS, GRStepState, GRWarmupCallback
-from .diagnostics import GRDiagnosticsCallback, SecondPassProbe, record
+from .diagnostics import GradientNormProbe, GRDiagnosticsCallback, SecondPassProbe
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +29,8 @@ class GRTrainer(Trainer):
 
     1. pass 1 under `no_sync`: g1 = ∇L(θ), with what earlier micro-batches accumulated put aside;
     2. ε = r·g1/‖g1‖ (global L2 norm over the trainable parameters, in float32), θ ← θ + ε;
-    3. `.grad` ← (1 − α)·g1 + accumulated, then pass 2 at θ + ε with the same dropout mask and its loss scaled
-       by α, so that its backward adds α·g2 and (on the sync micro-batch) all-reduces the combined gradient once;
+    3. `.grad` ← ((1 − α)·g1 + accumulated)/α, then pass 2 at θ + ε with the same dropout mask, whose backward
+       adds g2 and (on the sync micro-batch) all-reduces the combined gradient once; then `.grad` ×= α;
     4. θ restored bit for bit from a copy, also when a pass raises.
 
     A step whose λ or r is 0 (λ = 0, or the zero-warmup phase) is the stock single-pass step. The Trainer's
@@ -44,12 +42,13 @@ class GRTrainer(Trainer):
     args: GRTrainingArguments
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if len(args) < 2 and kwargs.get("args") is None:
+            kwargs["args"] = GRTrainingArguments(output_dir="tmp_trainer")  # as Trainer does without arguments
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, GRTrainingArguments):
             raise TypeError(f"GRTrainer needs GRTrainingArguments, got {type(self.args).__name__}.")
         self._check_distributed_setup()
         self.gr_step_state = GRStepState(gr_lambda=self.args.gr_lambda, gr_r=self.args.gr_r)
-        self._gr_loss_scale = 1.0
         self._gr_last_step: tuple[float, float] = (self.args.gr_lambda, self.args.gr_r)
         self._bind_warmup_callback()
         self._bind_diagnostics_callback()
@@ -68,6 +67,17 @@ class GRTrainer(Trainer):
             raise ValueError(
                 "GRTrainer does not support FSDP yet: under `no_sync` FSDP keeps the unsharded gradients outside "
                 "`.grad`, so pass 1's g1 cannot be read per shard. Use DDP (`accelerate launch --multi_gpu`)."
+            )
+        if getattr(self, "is_distributed_loading_by_transformers", False):
+            raise ValueError(
+                "GRTrainer does not support models sharded or tensor-parallel at load time (`tp_plan`/`device_mesh`): "
+                "their gradients are reduced outside the Trainer's `no_sync`. Load the model whole and use DDP."
+            )
+        optim = str(getattr(self.args.optim, "value", self.args.optim))
+        if optim in ("lomo", "adalomo") or optim.endswith("layerwise"):
+            raise ValueError(
+                f"GRTrainer does not support optim={optim!r}: it updates the weights inside backward, so GR's first "
+                "pass would already step the optimizer. Use an optimizer that steps after backward (e.g. adamw_torch)."
             )
         if self.args.gr_method == "exact" and self.accelerator.num_processes > 1:
             raise ValueError(
@@ -92,6 +102,8 @@ class GRTrainer(Trainer):
                     self.args.gr_warmup_strategy,
                 )
                 self.args.gr_warmup_strategy = callback.strategy  # checkpoints and the model card say what ran
+            if callback.warmup_steps is not None:
+                self.args.gr_warmup_steps = callback.warmup_steps
         elif self.args.gr_warmup_strategy in WARMUP_CALLBACKS:
             callback = WARMUP_CALLBACKS[self.args.gr_warmup_strategy](self.args.gr_warmup_steps)
             self.add_callback(callback)
@@ -137,79 +149,79 @@ class GRTrainer(Trainer):
     ) -> torch.Tensor:
         alpha = gr_lambda / gr_r
         trainable = [p for p in model.parameters() if p.requires_grad]
-        accumulated = _take_grads(trainable)  # earlier micro-batches' sum, put aside (no copy)
-        rng_state = _rng_state()
+        accumulated = gradient.take_grads(trainable)  # earlier micro-batches' sum, put aside (no copy)
+        rng = replay.rng_state()
 
         # Pass 1: g1 = ∇L(θ), never synced across replicas.
-        with self.accelerator.no_sync(model):
-            loss = super().training_step(model, dict(inputs), num_items_in_batch)
+        try:
+            with self.accelerator.no_sync(model):
+                loss = super().training_step(model, dict(inputs), num_items_in_batch)
+        except BaseException:
+            for p, a in zip(trainable, accumulated or [None] * len(trainable)):
+                p.grad = a  # lose nothing that earlier micro-batches accumulated
+            raise
+        distributed = self.accelerator.num_processes > 1
+        if self.args.gr_sync_perturbation and distributed:
+            self._average_across_replicas(trainable)
         params, grads = gradient.params_with_grads(trainable)
-        if self.args.gr_sync_perturbation and self.accelerator.num_processes > 1:
-            self._average_across_replicas(grads)
         norm = gradient.global_grad_norm(grads).item()
         scale = gradient.perturbation_scale(norm, gr_r, gradient.norm_floor(grads))
-        if scale is None and not self._gradients_sync_now():
+        if scale is None and not distributed:
             # ‖g1‖ zero or not finite: a plain step. An inf/NaN g1 stays in `.grad` so the fp16 scaler skips it.
-            gradient.combine_first_pass_(trainable, 0.0, accumulated)
+            gradient.add_back_(trainable, accumulated)
             return loss
 
-        # Pass 2 at θ + ε (at θ when g1 gave no direction but the replicas must still sync).
-        diagnostics = (
-            self._start_diagnostics(params, grads, norm, alpha) if self.gr_step_state.record_diagnostics else None
-        )
-        backup = None
+        # Pass 2 at θ + ε (at θ when g1 gave no direction: every replica still runs it, so collectives match).
+        probe = None
+        if self.gr_step_state.record_diagnostics:
+            probe = SecondPassProbe(self.gr_step_state, params, grads, norm, self._diagnostics_scale())
+        backup = gradient.snapshot(params) if scale is not None else None
         try:
-            if scale is not None:
-                backup = gradient.perturb_(params, grads, scale)
-            gradient.combine_first_pass_(trainable, alpha, accumulated)
+            if backup is not None:
+                gradient.perturb_(params, grads, scale)
+            gradient.prepare_second_pass_(trainable, alpha, accumulated)
             # g1 (dropped from `.grad` at α = 1) and the put-aside sum now live in `.grad` or nowhere:
             # holding these lists through pass 2 would keep one more parameter-sized buffer alive.
             del accumulated, grads
-            _set_rng_state(rng_state)
-            self._gr_loss_scale = alpha
-            with _frozen_running_stats(model):
+            replay.set_rng_state(rng)
+            with replay.frozen_running_stats(model):
                 super().training_step(model, dict(inputs), num_items_in_batch)
+            gradient.finish_second_pass_(trainable, alpha)
+            self.current_flos += float(self.floating_point_ops(inputs))  # the loop counts one pass
         finally:
-            self._gr_loss_scale = 1.0
             if backup is not None:
                 gradient.restore_(params, backup)
-            if diagnostics is not None:
-                diagnostics.close()
+            if probe is not None:
+                probe.close()
         return loss
 
     def _plain_step_with_norm(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
     ) -> torch.Tensor:
-        """The stock step, recording ‖g‖ for diagnostics when it is the step's first micro-batch."""
-        first = all(p.grad is None for p in model.parameters())
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if first:
-            _, grads = gradient.params_with_grads(model.parameters())
-            norm = gradient.global_grad_norm(grads).item()
-            record(self.gr_step_state, [("gr_grad_norm", norm / self._diagnostics_scale())])
-        return loss
+        """The stock step, measuring this micro-batch's ‖g‖ (this replica's, before any all-reduce)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        probe = GradientNormProbe(self.gr_step_state, params, self._diagnostics_scale())
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            probe.close()
 
     def _exact_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None, gr_lambda: float
     ) -> torch.Tensor:
         """Double backprop: the gradient of L + λ·‖∇L‖₂, for verification on small models."""
         model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
         inputs = self._prepare_inputs(dict(inputs))
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
         loss = self._scale_for_accumulation(loss, num_items_in_batch)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.accelerator.backward(gradient.exact_gr_loss(loss, trainable, gr_lambda))
         return loss.detach()
-
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        """The stock loss, scaled by α during GR's second pass (so its backward adds α·g2)."""
-        result = super().compute_loss(model, inputs, *args, **kwargs)
-        if self._gr_loss_scale == 1.0:
-            return result
-        if isinstance(result, tuple):
-            return (result[0] * self._gr_loss_scale, *result[1:])
-        return result * self._gr_loss_scale
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the λ and r of the step just taken to every training log entry."""
@@ -272,59 +284,23 @@ class GRTrainer(Trainer):
             return loss
         return loss / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
 
-    def _gradients_sync_now(self) -> bool:
-        """Whether this micro-batch's backward all-reduces gradients across replicas."""
-        return self.accelerator.num_processes > 1 and self.accelerator.sync_gradients
+    def _average_across_replicas(self, trainable: list[torch.Tensor]) -> None:
+        """g1 ← its mean over the replicas, in one all-reduce (for `gr_sync_perturbation`).
 
-    def _average_across_replicas(self, grads: list[torch.Tensor]) -> None:
-        """g1 ← its mean over the replicas, in one all-reduce (for `gr_sync_perturbation`)."""
+        A parameter without a gradient on this replica takes part with zeros, so all replicas reduce alike.
+        """
+        for p in trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in trainable]
         flat = torch.cat([g.reshape(-1) for g in grads])
         flat = self.accelerator.reduce(flat, reduction="mean")
         chunks = torch.split(flat, [g.numel() for g in grads])
         torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(chunks, grads)])
 
-    def _start_diagnostics(self, params: list[torch.Tensor], grads: list[torch.Tensor], norm: float, alpha: float):
-        """Hold g1 aside and watch pass 2, for `GRDiagnosticsCallback` (diagnostic steps only)."""
-        return SecondPassProbe(self.gr_step_state, params, grads, norm, alpha, self._diagnostics_scale())
-
     def _diagnostics_scale(self) -> float:
         """What divides a raw gradient norm into one batch's: the fp16 loss scale over the accumulation steps."""
         scaler = getattr(self.accelerator, "scaler", None)
         loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        return loss_scale / getattr(self, "current_gradient_accumulation_steps", 1)
-
-
-def _take_grads(params: list[torch.Tensor]) -> list[torch.Tensor | None] | None:
-    """Detach every `.grad` from its parameter and return them (None when there is nothing to put aside)."""
-    grads = [p.grad for p in params]
-    if all(g is None for g in grads):
-        return None
-    for p in params:
-        p.grad = None
-    return grads
-
-
-def _rng_state() -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The CPU and current-CUDA-device RNG states, so pass 2 replays pass 1's dropout masks."""
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1])
-
-
-@contextlib.contextmanager
-def _frozen_running_stats(model: nn.Module) -> Iterator[None]:
-    """Keep BatchNorm running statistics as pass 1 left them: pass 2 must not update them a second time."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
-    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False) if v is not None} for m in norms]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, buffers in zip(norms, saved):
-                for name, value in buffers.items():
-                    getattr(m, name).copy_(value)
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        return loss_scale / steps

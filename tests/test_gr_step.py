@@ -228,3 +228,76 @@ def test_bf16_autocast_trains_a_tiny_vit(tmp_path):
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert trainer.accelerator.mixed_precision == "bf16"
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+class _OwnLossTrainer(GRTrainer):
+    """A user's `compute_loss` that does not call `super()`: GR must still weight pass 2 by α."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(x=inputs["x"])
+        loss = F.cross_entropy(outputs["logits"], inputs["labels"])
+        return (loss, outputs) if return_outputs else loss
+
+
+@pytest.mark.parametrize("gr_lambda", [0.05, 0.25])
+def test_subclass_with_its_own_compute_loss(tmp_path, gr_lambda):
+    model = TinyNet()
+    batch = DictDataset(16).batch(0, 16)
+    trainer = _OwnLossTrainer(model=model, args=make_args(tmp_path, gr_lambda=gr_lambda))
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.training_step(model, dict(batch))
+    assert max_rel_err(grads_of(model), reference_gr_grad(model, batch, gr_lambda, 0.1)) < 1e-6
+
+
+class _BatchNormNet(TinyNet):
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(16)
+
+    def forward(self, x, labels=None):
+        logits = self.fc2(self.norm(torch.tanh(self.fc1(x))))
+        return {"logits": logits, "loss": F.cross_entropy(logits, labels)}
+
+
+def test_batchnorm_statistics_updated_once(tmp_path):
+    model = _BatchNormNet()
+    batch = DictDataset(16).batch(0, 16)
+    reference = _BatchNormNet()
+    reference.load_state_dict(model.state_dict())
+    reference.train()
+    reference(**batch)  # one forward at θ: what pass 1 does to the running statistics
+    _trainer(tmp_path, model).training_step(model, dict(batch))
+    assert torch.equal(model.norm.running_mean, reference.norm.running_mean)
+    assert torch.equal(model.norm.running_var, reference.norm.running_var)
+    assert int(model.norm.num_batches_tracked) == 1
+
+
+def test_fp16_loss_scaling(tmp_path):
+    """A loss-scaled g1 gives the same ε (the scale cancels); `.grad` holds the scaled GR gradient."""
+    model = TinyNet()
+    batch = DictDataset(16).batch(0, 16)
+    trainer = _trainer(tmp_path, model, gr_lambda=0.05)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    trainer.training_step(model, dict(batch))
+    scaled = [g / 1024.0 for g in grads_of(model)]
+    assert max_rel_err(scaled, reference_gr_grad(model, batch, 0.05, 0.1)) < 1e-6
+
+
+def test_fp16_scaler_skips_a_step_with_a_non_finite_gradient(tmp_path):
+    model = TinyNet()
+    before = params_of(model)
+    trainer = GRTrainer(model=model, args=make_args(tmp_path, optim="sgd"), compute_loss_func=_infinite_loss)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.create_optimizer()
+    scaler = trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    trainer.training_step(model, DictDataset(8).batch(0, 8))
+    scaler.step(trainer.optimizer)  # what the Trainer's optimizer step does under fp16
+    scaler.update()
+    assert model.forward_calls == 1 and scaler.get_scale() == 512.0  # skipped, scale backed off
+    assert all(torch.equal(a, b) for a, b in zip(params_of(model), before))
+
+
+@pytest.mark.parametrize("optim", ["lomo", "galore_adamw_layerwise"])
+def test_optimizers_that_step_inside_backward_are_refused(tmp_path, optim):
+    with pytest.raises(ValueError, match=optim):
+        GRTrainer(model=TinyNet(), args=make_args(tmp_path, optim=optim))

@@ -65,11 +65,11 @@ def test_gr_warmup_steps_overrides_lr_warmup(tmp_path):
 
 
 def test_lr_warmup_ratio_is_honoured(tmp_path):
-    args = make_args(tmp_path, max_steps=16, warmup_steps=0.25)  # 5.x: a float < 1 is a ratio of total steps
-    assert resolve_warmup_steps(args, 16) == 4
-    if hasattr(args, "warmup_ratio"):  # transformers 4.x spells it warmup_ratio
-        args = make_args(tmp_path, max_steps=16, warmup_ratio=0.25)
-        assert resolve_warmup_steps(args, 16) == 4
+    args = make_args(tmp_path, max_steps=16, warmup_steps=0.25, logging_steps=1, gr_warmup_strategy="zero")
+    assert resolve_warmup_steps(args, 16) == 4  # transformers 5.x: a warmup_steps below 1 is a ratio
+    trainer = GRTrainer(model=TinyNet(), args=args, train_dataset=DictDataset(64))
+    trainer.train()
+    assert [s for s, lam, _ in _logged(trainer) if lam == 0.0] == [1, 2, 3, 4]
 
 
 def test_callback_passed_by_user_replaces_the_flag(tmp_path):
@@ -126,3 +126,8 @@ def test_resume_inside_warmup_is_bit_identical(tmp_path, strategy):
     assert all(torch.equal(a, b) for a, b in zip(params_of(full), params_of(resumed)))
     assert _logged(resumed_trainer) == _logged(full_trainer)  # the resumed history continues the saved one
     assert resumed_trainer.state.global_step == 12
+
+
+def test_callback_warmup_length_is_recorded_in_the_arguments(tmp_path):
+    trainer = GRTrainer(model=TinyNet(), args=make_args(tmp_path), callbacks=[LambdaWarmupCallback(warmup_steps=7)])
+    assert (trainer.args.gr_warmup_strategy, trainer.args.gr_warmup_steps) == ("lambda", 7)
