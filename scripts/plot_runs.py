@@ -3,9 +3,10 @@
 
     python scripts/plot_runs.py RUN_DIR [RUN_DIR ...] --out fig.png
 
-Each RUN_DIR is a training output directory holding `trainer_state.json` (and, when present,
-`training_args.bin`, which names the run's GR warmup strategy). The GR warmup span, read from the logged
-`gr_lambda`/`gr_r`, is shaded per run. Turn on `--gr_diagnostics_steps N` in training for the last two panels.
+Each RUN_DIR is a training output directory holding `trainer_state.json` (and, when present, the model card
+README.md that `GRTrainer` writes, whose `hf_gr` metadata names the run's GR warmup strategy). The GR
+warmup span, read from the logged `gr_lambda`/`gr_r`, is shaded per run. Turn on `--gr_diagnostics_steps N`
+in training for the last two panels.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+from huggingface_hub import ModelCard
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -32,20 +34,18 @@ def read_run(run_dir: str) -> dict[str, Any]:
 
 
 def run_label(run_dir: Path) -> str:
-    """'plain' for λ = 0, else 'GR (<strategy>)' from the saved arguments; the directory name otherwise."""
-    args_file = run_dir / "training_args.bin"
-    if args_file.is_file():
-        try:
-            import torch
-
-            args = torch.load(args_file, weights_only=False)
-            if getattr(args, "gr_lambda", None) == 0:
-                return f"plain ({run_dir.name})"
-            strategy = getattr(args, "gr_warmup_strategy", None)
-            if strategy is not None:
-                return f"GR, {strategy}-warmup ({run_dir.name})" if strategy != "none" else f"GR ({run_dir.name})"
-        except Exception:  # an unreadable or foreign arguments file: fall back to the directory name
-            pass
+    """'plain' for λ = 0, else the GR warmup strategy, from the `hf_gr` block of the run's model card
+    (`GRTrainer.create_model_card`); the directory name when there is no card."""
+    card = run_dir / "README.md"
+    if card.is_file():
+        metadata = (ModelCard.load(card).data.to_dict() or {}).get("hf_gr") or {}
+        if metadata.get("gr_lambda") == 0:
+            return f"plain ({run_dir.name})"
+        strategy = metadata.get("gr_warmup_strategy")
+        if strategy in ("lambda", "r", "zero"):
+            return f"GR, {strategy}-warmup ({run_dir.name})"
+        if strategy == "none":
+            return f"GR ({run_dir.name})"
     return run_dir.name
 
 

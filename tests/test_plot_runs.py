@@ -40,7 +40,7 @@ def two_runs(tmp_path_factory):
         )  # fmt: skip
         trainer.train()
         trainer.save_state()
-        trainer.save_model()
+        trainer.create_model_card()
         dirs.append(str(out))
     return dirs
 
