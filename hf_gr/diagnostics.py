@@ -130,7 +130,7 @@ class GRDiagnosticsCallback(TrainerCallback):
 
     On GR steps: `gr_grad_norm` (‖g1‖), `gr_perturbed_grad_norm` (‖g2‖), `gr_cosine` (cos(g1, g2)), of the
     step's batch at the parameters it started from (averaged over micro-batches and replicas). On plain steps
-    (λ = 0, zero-warmup): `gr_grad_norm` of the step's gradient (first micro-batch; replica-averaged under DDP).
+    (λ = 0, zero-warmup): `gr_grad_norm`, ‖g‖ measured the same way (per micro-batch and replica, averaged).
     With Adam/AdamW/RMSProp: `adaptive_lr_mean`, `adaptive_lr_var`, `adaptive_lr_max` of lr/(sqrt(v̂) + eps)
     right after the step's update. The entry logged after step s describes step s. Off-diagnostic steps cost
     nothing; a diagnostic GR step holds one copy of g1.
