@@ -34,8 +34,11 @@ def ddp_results(tmp_path_factory):
     return torch.load(out)
 
 
-def _reference(accumulation: int, sync_perturbation: bool) -> list[torch.Tensor]:
-    """One process replaying the shards: rank r reads batches r, r + 2, ...; SGD on the replica-mean update."""
+def _reference(accumulation: int, sync_perturbation: bool, zero_rank: int | None = None) -> list[torch.Tensor]:
+    """One process replaying the shards: rank r reads batches r, r + 2, ...; SGD on the replica-mean update.
+
+    `zero_rank`: that rank's loss is 0·L, so it contributes a zero gradient.
+    """
     model, data = TinyNet(), DictDataset(48)
     for step in range(STEPS):
         update = None
@@ -47,8 +50,10 @@ def _reference(accumulation: int, sync_perturbation: bool) -> list[torch.Tensor]
                 params = {n: p.detach() for n, p in model.named_parameters()}
                 g1s = [grad_at(model, params, b) for b in batches]
                 override = [sum(gs) / WORLD for gs in zip(*g1s)]
-            for b in batches:
+            for rank, b in enumerate(batches):
                 g = reference_gr_grad(model, b, LAMBDA, R, g1_override=override)
+                if rank == zero_rank:
+                    g = [torch.zeros_like(x) for x in g]
                 scaled = [x / (WORLD * accumulation) for x in g]
                 update = scaled if update is None else [u + x for u, x in zip(update, scaled)]
         with torch.no_grad():
@@ -61,6 +66,24 @@ def _reference(accumulation: int, sync_perturbation: bool) -> list[torch.Tensor]
 def test_ddp_gr_matches_single_process_reference(ddp_results, run, accumulation, sync):
     assert ddp_results["world_size"] == WORLD
     assert max_rel_err(ddp_results[run]["params"], _reference(accumulation, sync)) < 1e-6
+
+
+def test_a_replica_without_gradient_direction_still_syncs(ddp_results):
+    assert ddp_results["gr_zero_on_rank1"]["collectives"] == [(1, 1)] * STEPS  # no hang, one all-reduce per step
+    assert max_rel_err(ddp_results["gr_zero_on_rank1"]["params"], _reference(1, False, zero_rank=1)) < 1e-6
+
+
+def test_diagnostics_are_replica_averaged(ddp_results):
+    model, data = TinyNet(), DictDataset(48)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    norms = []
+    for rank in range(WORLD):  # step 1: rank r's batch r at the initial parameters
+        g1 = grad_at(model, params, data.batch(rank * BATCH, BATCH))
+        norms.append(float(torch.sqrt(sum((g**2).sum() for g in g1))))
+    (entry,) = [e for e in ddp_results["gr_diagnostics"]["log_history"] if e.get("step") == 1 and "gr_grad_norm" in e]
+    assert entry["gr_grad_norm"] == pytest.approx(sum(norms) / WORLD, rel=1e-5)
+    assert norms[0] != pytest.approx(norms[1], rel=1e-3)  # the replicas differ: the mean is a real average
+    assert -1 <= entry["gr_cosine"] <= 1 and entry["gr_perturbed_grad_norm"] > 0
 
 
 def test_synced_perturbation_differs_from_per_replica(ddp_results):

@@ -20,7 +20,16 @@ RUNS = {
     "gr_ga1": dict(gradient_accumulation_steps=1),
     "gr_ga2": dict(gradient_accumulation_steps=2),
     "gr_sync": dict(gradient_accumulation_steps=1, gr_sync_perturbation=True),
+    # rank 1's loss is 0·L: its ‖g1‖ = 0 (no direction), rank 0 runs GR; both must still run pass 2 together
+    "gr_zero_on_rank1": dict(gradient_accumulation_steps=1, compute_loss_func="zero_on_rank1"),
+    "gr_diagnostics": dict(gradient_accumulation_steps=1, gr_diagnostics_steps=1, logging_steps=1),
 }
+
+
+def zero_on_rank1(outputs, labels, num_items_in_batch=None):
+    # The Trainer's convention for a compute_loss_func: sum over the global item count of the micro-batch.
+    loss = torch.nn.functional.cross_entropy(outputs["logits"], labels, reduction="sum") / num_items_in_batch
+    return loss * 0 if dist.get_rank() == 1 else loss
 
 
 class CountCollectives(TrainerCallback):
@@ -51,13 +60,15 @@ class CountCollectives(TrainerCallback):
 
 
 def run(name: str, overrides: dict, tmp: str) -> dict:
+    loss_func = zero_on_rank1 if overrides.pop("compute_loss_func", None) else None
+    overrides.setdefault("logging_strategy", "no")
     args = make_args(
         _Path(tmp), output_dir=os.path.join(tmp, name), max_steps=3, per_device_train_batch_size=4, optim="sgd",
         learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
-        logging_strategy="no", gr_lambda=overrides.pop("gr_lambda", 0.05), gr_r=0.1, **overrides,
+        gr_lambda=overrides.pop("gr_lambda", 0.05), gr_r=0.1, **overrides,
     )  # fmt: skip
     model = TinyNet()
-    trainer = SequentialGRTrainer(model=model, args=args, train_dataset=DictDataset(48))
+    trainer = SequentialGRTrainer(model=model, args=args, train_dataset=DictDataset(48), compute_loss_func=loss_func)
     counter = CountCollectives(trainer)
     trainer.add_callback(counter)
     all_reduce = dist.all_reduce
@@ -65,7 +76,11 @@ def run(name: str, overrides: dict, tmp: str) -> dict:
         trainer.train()
     finally:
         dist.all_reduce = all_reduce
-    return {"params": [p.detach().clone() for p in model.parameters()], "collectives": counter.per_step}
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "collectives": counter.per_step,
+        "log_history": trainer.state.log_history,
+    }
 
 
 class _Path(str):
