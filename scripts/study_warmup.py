@@ -99,6 +99,16 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def trajectory(out: Path, names: list[str], key: str, steps: tuple[int, ...]) -> str:
+    """A markdown table of one logged diagnostic at the given steps, one row per run."""
+    lines = [f"| run | {' | '.join(f'step {s}' for s in steps)} |", "|---|" + "---|" * len(steps)]
+    for name in names:
+        history = json.loads((out / name / "trainer_state.json").read_text())["log_history"]
+        values = {e["step"]: e[key] for e in history if key in e}
+        lines.append(f"| {name} | " + " | ".join(_fmt(values.get(s), ".3g") for s in steps) + " |")
+    return "\n".join(lines)
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
@@ -124,40 +134,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default=",".join(RUNS), help="which of: " + ", ".join(RUNS))
     parser.add_argument("--sweep_r", default="", help="comma-separated r values for a short GR sweep first")
     parser.add_argument("--sweep_epochs", type=float, default=5)
+    parser.add_argument("--report_only", action="store_true", help="re-print the tables and figure of --out_dir")
     args = parser.parse_args(argv)
+    out = Path(args.out_dir)
+    if args.report_only:
+        return report(out, json.loads((out / "study.json").read_text()), args.figure)
     if not (CIFAR / "train.parquet").is_file():
         print(f"error: {CIFAR} not found (the study needs ../shared/data/cifar10)", file=sys.stderr)
         return 2
 
-    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     warmup_steps = round(args.warmup_epochs * math.ceil(args.train_rows / args.batch_size))
-    report: dict[str, Any] = {"settings": vars(args), "warmup_steps": warmup_steps, "sweep": {}, "runs": {}}
+    results: dict[str, Any] = {"settings": vars(args), "warmup_steps": warmup_steps, "sweep": {}, "runs": {}}
 
     for r in [float(v) for v in args.sweep_r.split(",") if v]:
         run_dir = out / f"sweep-r{r:g}"
         cmd = train_command(args, run_dir, args.sweep_epochs, r, RUNS["gr"])
-        report["sweep"][f"r={r:g}"] = summarize(run_dir, warmup_steps, run(cmd, out / f"sweep-r{r:g}.log"))
-        print(f"sweep r={r:g}: {report['sweep'][f'r={r:g}']}", flush=True)
+        results["sweep"][f"r={r:g}"] = summarize(run_dir, warmup_steps, run(cmd, out / f"sweep-r{r:g}.log"))
+        print(f"sweep r={r:g}: {results['sweep'][f'r={r:g}']}", flush=True)
 
     gr_r = args.gr_r
     if gr_r is None:
-        swept = {float(k[2:]): v["final_error"] for k, v in report["sweep"].items()}
+        swept = {float(k[2:]): v["final_error"] for k, v in results["sweep"].items()}
         gr_r = min(swept, key=swept.get) if swept else 0.1
-    report["gr_r"] = gr_r
+    results["gr_r"] = gr_r
     for name in args.runs.split(","):
         run_dir = out / name
         cmd = train_command(args, run_dir, args.epochs, gr_r, RUNS[name])
-        report["runs"][name] = summarize(run_dir, warmup_steps, run(cmd, out / f"{name}.log"))
-        print(f"{name}: {report['runs'][name]}", flush=True)
+        results["runs"][name] = summarize(run_dir, warmup_steps, run(cmd, out / f"{name}.log"))
+        print(f"{name}: {results['runs'][name]}", flush=True)
 
-    (out / "study.json").write_text(json.dumps(report, indent=2))
-    if report["sweep"]:
-        print("\nr sweep (plain GR, α = 1, short runs):\n" + table(report["sweep"]))
-    print(f"\nmain runs: r = λ = {gr_r:g}")
-    print("\n" + table(report["runs"]))
-    names = [str(out / n) for n in args.runs.split(",")]
-    subprocess.run([sys.executable, str(REPO / "scripts" / "plot_runs.py"), *names, "--out", args.figure], check=True)
+    (out / "study.json").write_text(json.dumps(results, indent=2))
+    return report(out, results, args.figure)
+
+
+def report(out: Path, results: dict[str, Any], figure: str) -> int:
+    """Print the sweep and main tables and the diagnostics' trajectories, and draw the figure."""
+    if results["sweep"]:
+        print("\nr sweep (plain GR, α = 1, short runs):\n" + table(results["sweep"]))
+    print(f"\nmain runs: r = λ = {results['gr_r']:g}, GR warmup W = {results['warmup_steps']} steps")
+    print("\n" + table(results["runs"]))
+    names = list(results["runs"])
+    steps = (8, 40, 80, 120, 160, 240, 400, 800)
+    for key in ("gr_grad_norm", "adaptive_lr_var", "adaptive_lr_mean", "gr_cosine"):
+        print(f"\n{key}:\n" + trajectory(out, names, key, steps))
+    runs = [str(out / n) for n in names]
+    subprocess.run([sys.executable, str(REPO / "scripts" / "plot_runs.py"), *runs, "--out", figure], check=True)
     return 0
 
 
