@@ -301,3 +301,14 @@ def test_fp16_scaler_skips_a_step_with_a_non_finite_gradient(tmp_path):
 def test_optimizers_that_step_inside_backward_are_refused(tmp_path, optim):
     with pytest.raises(ValueError, match=optim):
         GRTrainer(model=TinyNet(), args=make_args(tmp_path, optim=optim))
+
+
+def test_parameters_without_a_gradient_are_skipped(tmp_path):
+    model = TinyNet()
+    model.unused = torch.nn.Parameter(torch.ones(4))  # trainable, but never in the graph
+    batch = DictDataset(16).batch(0, 16)
+    _trainer(tmp_path, model).training_step(model, dict(batch))
+    assert model.unused.grad is None and torch.equal(model.unused, torch.ones(4))
+    got = [p.grad for n, p in model.named_parameters() if n != "unused"]
+    same_weights = TinyNet()  # seed 0, as `model` before the step
+    assert max_rel_err(got, reference_gr_grad(same_weights, batch, 0.1, 0.1)) < 1e-6
