@@ -147,6 +147,7 @@ class GRTrainer(Trainer):
         gr_lambda: float,
         gr_r: float,
     ) -> torch.Tensor:
+        """The finite-difference GR gradient of one micro-batch, added to `.grad` (see the class docstring)."""
         alpha = gr_lambda / gr_r
         trainable = [p for p in model.parameters() if p.requires_grad]
         accumulated = gradient.take_grads(trainable)  # earlier micro-batches' sum, put aside (no copy)
