@@ -38,7 +38,7 @@ def gr_card_metadata(
     return {
         "gr_lambda": args.gr_lambda,
         "gr_r": args.gr_r,
-        "gr_alpha": args.gr_lambda / args.gr_r,
+        "gr_alpha": args.gr_alpha,
         "gr_warmup_strategy": args.gr_warmup_strategy,
         "gr_warmup_steps": resolve_warmup_steps(args, max_steps) if max_steps > 0 else args.gr_warmup_steps,
         "gr_method": args.gr_method,

@@ -34,16 +34,13 @@ _PAPER_COMMON: dict[str, Any] = {
 }
 
 
-def paper_vit_config(
-    name: str, id2label: dict[int, str], config_overrides: str | None = None, image_size: int | None = None
-) -> ViTConfig:
+def paper_vit_config(name: str, id2label: dict[int, str], config_overrides: str | None = None) -> ViTConfig:
     """The paper's `ViTConfig` for `name` (vit-ti, vit-s, vit-b) with the dataset's labels.
 
     Args:
         name (`str`): one of `PAPER_VIT_CONFIGS`.
         id2label (`dict[int, str]`): the class names, index → name.
         config_overrides (`str`, *optional*): "key=value,key=value" applied last, e.g. "hidden_size=64".
-        image_size (`int`, *optional*): input side length when it is not CIFAR's 32 (before the overrides).
     """
     if name not in PAPER_VIT_CONFIGS:
         raise ValueError(f"--model_config must be one of {', '.join(PAPER_VIT_CONFIGS)}, got {name!r}.")
@@ -54,8 +51,6 @@ def paper_vit_config(
         id2label=dict(id2label),
         label2id={label: i for i, label in id2label.items()},
     )
-    if image_size is not None:
-        config.image_size = image_size
     if config_overrides:
         apply_config_overrides(config, config_overrides)
     if config.image_size % config.patch_size:
