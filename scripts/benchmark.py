@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from hf_gr import benchmarking as bench
+import benchmarking as bench
 
 TARGETS = {  # key: (limit, what it is measured against)
     "gr_over_plain": (2.05, "floor 2.0"),

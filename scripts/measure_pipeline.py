@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 from transformers.models.vit import ViTImageProcessorPil
 
-from hf_gr import data, modeling
+import image_data as data
+import paper_vit as modeling
 
 DEFAULT_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train.parquet"
 

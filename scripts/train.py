@@ -34,8 +34,12 @@ from transformers import (
 from transformers.models.vit import ViTImageProcessorPil
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_gr import GRTrainer, GRTrainingArguments, data, modeling
-from hf_gr.metrics import ACCURACY_PATH
+from hf_gr import GRTrainer, GRTrainingArguments
+
+import image_data as data
+import paper_vit as modeling
+
+ACCURACY_PATH = str(Path(__file__).with_name("accuracy.py"))
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from hf_gr import benchmarking as bench
+import benchmarking as bench
 
 REQUIRED_KEYS = (
     "plain_median_s",

@@ -5,11 +5,12 @@ import math
 
 import pytest
 import torch
-from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, grad_at, make_args
 from transformers import TrainerCallback
 
 from hf_gr import GRTrainer
 from hf_gr.diagnostics import ADAPTIVE_LR_KEYS, GRADIENT_KEYS, adaptive_lr_stats
+
+from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, grad_at, make_args
 
 R, STEPS = 0.1, 3
 

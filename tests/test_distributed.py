@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from gr_testing import DictDataset, TinyNet, grad_at, make_args, max_rel_err, reference_gr_grad
 
 from hf_gr import GRTrainer
+
+from gr_testing import DictDataset, TinyNet, grad_at, make_args, max_rel_err, reference_gr_grad
 
 WORLD, BATCH, STEPS, LR, LAMBDA, R = 2, 4, 3, 0.5, 0.05, 0.1
 SCRIPT = Path(__file__).parent / "distributed" / "ddp_gr_runs.py"

@@ -3,6 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import Trainer
+
+from hf_gr import GRTrainer, gradient
+
 from gr_testing import (
     DictDataset,
     SequentialGRTrainer,
@@ -14,9 +18,6 @@ from gr_testing import (
     params_of,
     reference_gr_grad,
 )
-from transformers import Trainer
-
-from hf_gr import GRTrainer, gradient
 
 
 def _trainer(tmp_path, model, **overrides) -> GRTrainer:

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gr_testing import DictDataset, TinyNet, make_args
 from PIL import Image
 
 from hf_gr import GRTrainer
+
+from gr_testing import DictDataset, TinyNet, make_args
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plot_runs.py"
 

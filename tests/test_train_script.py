@@ -22,7 +22,10 @@ from sklearn.datasets import load_digits
 from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, pipeline
 from transformers.models.vit import ViTImageProcessorPil
 
-from hf_gr import GRTrainer, data, modeling
+from hf_gr import GRTrainer
+
+import image_data as data
+import paper_vit as modeling
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from gr_testing import DictDataset, TinyNet, make_args, params_of
 from transformers import ViTConfig, ViTForImageClassification
 
 from hf_gr import GRTrainer, LambdaWarmupCallback, RWarmupCallback, ZeroWarmupCallback
 from hf_gr.callbacks import resolve_warmup_steps
+
+from gr_testing import DictDataset, TinyNet, make_args, params_of
 
 W, STEPS, LAMBDA, R = 8, 14, 0.06, 0.1
 

@@ -1,7 +1,7 @@
-"""Top-1 accuracy and error rate as an `evaluate` metric, shipped with hf_gr and loaded by path.
+"""Top-1 accuracy and error rate as an `evaluate` metric, shipped with the training script and loaded by path.
 
 `evaluate.load("accuracy")` fetches its script from the Hub; loading this file by path works offline:
-`evaluate.load(hf_gr.metrics.ACCURACY_PATH)`.
+`evaluate.load("scripts/accuracy.py")`.
 """
 
 import datasets
@@ -22,7 +22,7 @@ Returns:
     accuracy (`float`): top-1 accuracy in [0, 1].
     error_rate (`float`): 1 − accuracy.
 Examples:
-    >>> metric = evaluate.load(hf_gr.metrics.ACCURACY_PATH)
+    >>> metric = evaluate.load("scripts/accuracy.py")
     >>> metric.compute(predictions=[0, 1, 1], references=[0, 1, 0])
     {'accuracy': 0.6666666666666666, 'error_rate': 0.33333333333333337}
 """

@@ -33,9 +33,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification, get_scheduler
 
-from . import gradient
-from .arguments import GRTrainingArguments
-from .trainer import GRTrainer
+from hf_gr import GRTrainer, GRTrainingArguments, gradient
 
 GR_R = 0.1  # the paper's CIFAR radius; α = λ / r
 BOOKKEEPING_FUNCTIONS = (
