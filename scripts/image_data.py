@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, DatasetDict
+from huggingface_hub import is_offline_mode
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ CHANNEL_STATS: dict[str, tuple[list[float], list[float]]] = {
     "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
 }
 AUGMENTATIONS = ("auto", "basic", "crop", "none")
+
+
+class InputError(ValueError):
+    """A bad argument or unusable data: `scripts/train.py` prints the message on one line and exits with status 2."""
 
 
 # ---- loading ----
@@ -79,16 +84,20 @@ def load_image_dataset(
     if dataset_name == DIGITS:
         return load_digits_dataset(seed=seed)
     if dataset_name is not None:
-        raw = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+        try:
+            raw = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+        except (ConnectionError, FileNotFoundError) as error:  # not on the Hub, or offline and not cached
+            offline = " (HF_HUB_OFFLINE=1: only the local cache is searched)" if is_offline_mode() else ""
+            raise InputError(f"Could not load --dataset_name {dataset_name!r}{offline}: {error}") from error
     elif train_file is not None:
         splits = {"train": _load_local(train_file, "--train_file", cache_dir)}
         if validation_file is not None:
             splits["validation"] = _load_local(validation_file, "--validation_file", cache_dir)
         raw = DatasetDict(splits)
     else:
-        raise ValueError("Give --dataset_name (a Hub id or 'digits') or --train_file.")
+        raise InputError("Give --dataset_name (a Hub id or 'digits') or --train_file.")
     if "train" not in raw:
-        raise ValueError(f"The dataset has no 'train' split; its splits are {list(raw)}.")
+        raise InputError(f"The dataset has no 'train' split; its splits are {list(raw)}.")
     if "validation" not in raw:
         if "test" in raw:
             raw["validation"] = raw["test"]
@@ -102,17 +111,17 @@ def _load_local(path: str, flag: str, cache_dir: str | None) -> Dataset:
     """One split from a parquet file (or a glob of them) or an image folder, with a clear error when unreadable."""
     location = Path(path)
     if not location.exists() and not any(location.parent.glob(location.name)):
-        raise ValueError(f"{flag} {path!r} does not exist.")
+        raise InputError(f"{flag} {path!r} does not exist.")
     if location.is_dir():
         builder, kwargs = "imagefolder", {"data_dir": str(location)}
     elif location.suffix == ".parquet" or path.endswith(".parquet"):
         builder, kwargs = "parquet", {"data_files": str(location)}
     else:
-        raise ValueError(f"{flag} {path!r} must be a .parquet file or an image folder (one sub-folder per class).")
+        raise InputError(f"{flag} {path!r} must be a .parquet file or an image folder (one sub-folder per class).")
     try:
         loaded = datasets.load_dataset(builder, cache_dir=cache_dir, **kwargs)
     except Exception as error:  # datasets raises many types (ArrowInvalid, DatasetGenerationError, ...)
-        raise ValueError(f"Could not read {flag} {path!r} as {builder}: {type(error).__name__}: {error}") from error
+        raise InputError(f"Could not read {flag} {path!r} as {builder}: {type(error).__name__}: {error}") from error
     return loaded["train"]
 
 
@@ -127,7 +136,7 @@ def resolve_columns(dataset: Dataset, image_column: str | None, label_column: st
     def pick(given: str | None, candidates: tuple[str, ...], feature_type: type, flag: str) -> str:
         if given is not None:
             if given not in columns:
-                raise ValueError(f"{flag} {given!r} is not a column of the dataset; its columns are {columns}.")
+                raise InputError(f"{flag} {given!r} is not a column of the dataset; its columns are {columns}.")
             return given
         for name in candidates:
             if name in columns:
@@ -135,46 +144,86 @@ def resolve_columns(dataset: Dataset, image_column: str | None, label_column: st
         typed = [name for name, feature in dataset.features.items() if isinstance(feature, feature_type)]
         if len(typed) == 1:
             return typed[0]
-        raise ValueError(f"Could not detect the {flag[2:]}; the dataset's columns are {columns}. Pass {flag}.")
+        raise InputError(f"Could not detect the {flag[2:]}; the dataset's columns are {columns}. Pass {flag}.")
 
     image = pick(image_column, IMAGE_COLUMN_CANDIDATES, datasets.Image, "--image_column")
     label = pick(label_column, LABEL_COLUMN_CANDIDATES, ClassLabel, "--label_column")
     return image, label
 
 
-def prepare_labels(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, list[str]]:
-    """Check every split's labels against the training classes and return the datasets with a `ClassLabel`
-    label column and the class names.
-
-    A `ClassLabel` column keeps its names; integer labels 0..K−1 are named "0".."K−1" from the training split;
-    string labels become classes in sorted order. A label outside the classes is an error naming it.
-    """
-    feature = raw["train"].features[label_column]
-    if isinstance(feature, ClassLabel):
-        names = list(feature.names)
-        allowed: set[Any] = set(range(len(names)))
-    else:
-        train_values = raw["train"].unique(label_column)
-        if all(isinstance(v, str) for v in train_values):
-            names = sorted(train_values)
-            allowed = set(names)
-        elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in train_values):
-            if min(train_values) < 0:
-                raise ValueError(f"Label {min(train_values)} in column {label_column!r} of 'train' is negative.")
-            names = [str(i) for i in range(max(train_values) + 1)]
-            allowed = set(range(len(names)))
-        else:
-            raise ValueError(f"Labels in column {label_column!r} must be integers or strings, got {feature}.")
+def decode_images(raw: DatasetDict, image_column: str) -> DatasetDict:
+    """Make `image_column` an `Image` column in every split: images stored as {bytes, path} structs (or raw bytes)
+    without the `datasets` Image feature are decoded; a column of any other type is an error naming it."""
     for split, dataset in raw.items():
-        unknown = sorted(set(dataset.unique(label_column)) - allowed, key=str)
-        if unknown:
-            raise ValueError(
-                f"Label(s) {unknown[:5]} in column {label_column!r} of the {split!r} split are outside the "
-                f"{len(names)} training classes ({_describe(names)})."
+        feature = dataset.features[image_column]
+        if isinstance(feature, datasets.Image):
+            continue
+        encoded = isinstance(feature, dict) and {"bytes", "path"} >= set(feature) and "bytes" in feature
+        if not (encoded or getattr(feature, "dtype", None) in ("binary", "large_binary")):
+            kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+            raise InputError(
+                f"--image_column {image_column!r} holds {kind} values in the {split!r} split, not images; pass the "
+                "column of images (PIL images or {bytes, path} structs)."
             )
-    if not isinstance(feature, ClassLabel):
-        raw = raw.cast_column(label_column, ClassLabel(names=names))
+        raw[split] = dataset.cast_column(image_column, datasets.Image())
+    return raw
+
+
+def prepare_labels(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, list[str]]:
+    """Give every split a `ClassLabel` label column holding the training classes; return it and the class names.
+
+    The training split defines the classes: a `ClassLabel` column keeps its names, integer labels 0..K−1 are named
+    "0".."K−1", string labels become classes in sorted order. The other splits are matched to them by name
+    (`ClassLabel` names or strings: an image folder's classes are its sub-folders, and a validation folder may
+    lack some) or by index (integers). A label outside the training classes is an error naming it.
+    """
+    names = _training_classes(raw["train"], label_column)
+    for split in raw:
+        raw[split] = _to_training_classes(raw[split], split, label_column, names)
     return raw, names
+
+
+def _training_classes(train: Dataset, label_column: str) -> list[str]:
+    feature = train.features[label_column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    values = train.unique(label_column)
+    if all(isinstance(v, str) for v in values):
+        return sorted(values)
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        if min(values) < 0:
+            raise InputError(f"Label {min(values)} in column {label_column!r} of 'train' is negative.")
+        return [str(i) for i in range(max(values) + 1)]
+    raise InputError(f"Labels in column {label_column!r} must be integers or strings, got {feature}.")
+
+
+def _to_training_classes(dataset: Dataset, split: str, label_column: str, names: list[str]) -> Dataset:
+    """`dataset` with its labels as indices into the training classes `names`."""
+    feature, target = dataset.features[label_column], ClassLabel(names=names)
+    if isinstance(feature, ClassLabel) and list(feature.names) == names:
+        return dataset
+    values = dataset.unique(label_column)
+    if isinstance(feature, ClassLabel):  # by name: the split's own class list may differ from the training one
+        values = [feature.int2str(v) for v in values]
+    allowed = set(names) if all(isinstance(v, str) for v in values) else set(range(len(names)))
+    unknown = sorted(set(values) - allowed, key=str)
+    if unknown:
+        raise InputError(
+            f"Label(s) {unknown[:5]} in column {label_column!r} of the {split!r} split are outside the "
+            f"{len(names)} training classes ({_describe(names)})."
+        )
+    if not isinstance(feature, ClassLabel):
+        return dataset.cast_column(label_column, target)  # strings by name, integers by index
+    index = [names.index(name) for name in feature.names]
+    features = dataset.features.copy()
+    features[label_column] = target
+    return dataset.map(
+        lambda labels: {label_column: [index[label] for label in labels]},
+        input_columns=label_column,
+        batched=True,
+        features=features,
+        desc=f"matching the {split} classes to the training classes",
+    )
 
 
 def _describe(names: list[str]) -> str:
@@ -233,7 +282,7 @@ def choose_augmentation(name: str, dataset_name: str | None, image_size: int) ->
     8×8 digits (a flipped digit is another symbol, and a 1-pixel shift of an 8×8 digit costs accuracy);
     padding is 1/8 of the side (4 on 32×32)."""
     if name not in AUGMENTATIONS:
-        raise ValueError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, got {name!r}.")
+        raise InputError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, got {name!r}.")
     if name == "auto":
         name = "none" if dataset_name == DIGITS else "basic"
     if name == "none":

@@ -4,7 +4,8 @@
     accelerate launch scripts/train.py configs/quickstart.yaml [--flag value ...]
     python scripts/train.py configs/paper/vit-ti_cifar10_adam.yaml --gr_warmup_strategy zero
 
-The first argument may be a YAML or JSON file of arguments; flags after it override its values. Every
+The first argument may be a YAML or JSON file of arguments; flags after it override its values, and a data or
+model source given as a flag replaces the file's (`--train_file` drops its `dataset_name`, and so on). Every
 `TrainingArguments` and GR field (`GRTrainingArguments`) is a flag, plus the `ModelArguments` and `DataArguments`
 below. Models: a Hub id or local directory (`--model_name_or_path`, fine-tuned with a new head) or the paper's
 from-scratch CIFAR ViTs (`--model_config vit-ti|vit-s|vit-b`, `--config_overrides`).
@@ -12,6 +13,7 @@ from-scratch CIFAR ViTs (`--model_config vit-ti|vit-s|vit-b`, `--config_override
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -24,11 +26,14 @@ import evaluate
 import numpy as np
 import transformers
 import yaml
+from huggingface_hub import is_offline_mode, try_to_load_from_cache
+from huggingface_hub.constants import HF_HUB_CACHE
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
     HfArgumentParser,
+    TrainerCallback,
     set_seed,
 )
 from transformers.models.vit import ViTImageProcessorPil
@@ -47,6 +52,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ModelArguments:
     """Which model to train: a pretrained checkpoint or one of the paper's from-scratch ViTs."""
+
+    _argument_group_name = "model"
 
     model_name_or_path: str | None = field(
         default=None,
@@ -82,6 +89,8 @@ class ModelArguments:
 class DataArguments:
     """Which data to train and evaluate on, and how to read it."""
 
+    _argument_group_name = "data"
+
     dataset_name: str | None = field(
         default=None,
         metadata={"help": "A Hub dataset id (uoft-cs/cifar10, uoft-cs/cifar100) or 'digits' (bundled, offline)."},
@@ -113,49 +122,129 @@ class DataArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, GRTrainingArguments)
+# A data or model source given as a flag replaces the config file's other source: these are the file's keys it drops.
+REPLACES = {
+    "dataset_name": ("train_file", "validation_file"),
+    "train_file": ("dataset_name", "dataset_config_name"),
+    "model_name_or_path": ("model_config", "config_overrides"),
+    "model_config": ("model_name_or_path",),
+}
+InputError = data.InputError
 
 
 # ---- arguments ----
 
 
+class ScriptArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` whose errors raise `InputError` (one line and exit status 2 from the command line)."""
+
+    def error(self, message: str):
+        raise InputError(message)
+
+
+def build_parser() -> ScriptArgumentParser:
+    """The parser; `--help` lists the model, data and GR (`gr_*`) options first, then the Trainer's own."""
+    parser = ScriptArgumentParser(
+        ARGUMENT_CLASSES,
+        usage="%(prog)s [config.yaml|config.json] [--flag value ...]",
+        description="Train a ViT image classifier with gradient regularization (GR). The optional first argument "
+        "is a YAML or JSON file of arguments; flags after it override its values.",
+    )
+    gr_group = parser.add_argument_group("gradient regularization (GR)")
+    trainer_group = parser.add_argument_group("training (transformers.TrainingArguments)")
+    for action in [a for a in parser._optionals._group_actions if a.dest != "help"]:
+        parser._optionals._group_actions.remove(action)
+        (gr_group if action.dest.startswith("gr_") else trainer_group)._group_actions.append(action)
+    return parser
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, GRTrainingArguments]:
-    """Parse `[config.yaml|config.json] [--flag value ...]`; flags override the file, unknown keys are errors."""
+    """Parse `[config.yaml|config.json] [--flag value ...]` and check the model and data choices.
+
+    Flags override the file; a data or model source given as a flag replaces the file's other one (`REPLACES`);
+    unknown keys and contradictions are errors that say whether each value came from the file or a flag.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = build_parser()
     # The whole job by default: train and evaluate unless told `--do_train false` / `--do_eval false`
     # (TrainingArguments would otherwise skip training whenever an eval_strategy is set).
     parser.set_defaults(do_train=True, do_eval=True)
+    config_file, config = None, {}
     if argv and not argv[0].startswith("-"):
-        parser.set_defaults(**read_config_file(argv.pop(0)))
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        config_file = argv.pop(0)
+        config = read_config_file(config_file)
+    flags = given_as_flags(argv)
+    for key in flags & REPLACES.keys():
+        for replaced in REPLACES[key]:
+            config.pop(replaced, None)
+    parser.set_defaults(**config)
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except InputError:
+        raise
+    except ValueError as error:  # unused flags, and the checks of TrainingArguments and the GR fields
+        raise InputError(str(error)) from error
+    check_args(model_args, data_args, {key: f"from {config_file}" for key in config if key not in flags})
+    return model_args, data_args, training_args
+
+
+def given_as_flags(argv: list[str]) -> set[str]:
+    """The fields `argv` sets, however spelled (`--x v`, `--x=v`, `--no_x`, an unambiguous prefix)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    namespace, _ = probe.parse_known_args(argv)
+    return set(vars(namespace))
 
 
 def read_config_file(path: str) -> dict[str, Any]:
     """The arguments in a YAML or JSON file, checked against the known fields."""
     if not os.path.isfile(path):
-        raise ValueError(f"Config file {path!r} does not exist.")
+        raise InputError(f"Config file {path!r} does not exist.")
     with open(path, encoding="utf-8") as f:
         config = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
     config = config or {}
     if not isinstance(config, dict):
-        raise ValueError(f"Config file {path!r} must hold a mapping of argument names to values.")
+        raise InputError(f"Config file {path!r} must hold a mapping of argument names to values.")
     known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
     unknown = sorted(set(config) - known)
     if unknown:
-        raise ValueError(f"Unknown key(s) in {path}: {', '.join(unknown)}. Run with --help to list the arguments.")
+        raise InputError(f"Unknown key(s) in {path}: {', '.join(unknown)}. Run with --help to list the arguments.")
     return config
 
 
-def check_args(model_args: ModelArguments, data_args: DataArguments) -> None:
-    """Refuse contradictory model and data choices before anything is loaded."""
+def check_args(model_args: ModelArguments, data_args: DataArguments, origins: dict[str, str] | None = None) -> None:
+    """Refuse contradictory model and data choices before anything is loaded; `origins` says which values came
+    from the config file (the others are flags)."""
+    origins = origins or {}
+
+    def given(args: Any, *keys: str) -> str:
+        values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+        return " and ".join(f"--{k} {v!r} ({origins.get(k, 'a flag')})" for k, v in values.items()) or "neither"
+
     if (model_args.model_name_or_path is None) == (model_args.model_config is None):
-        raise ValueError("Give exactly one of --model_name_or_path (fine-tune) and --model_config (from scratch).")
+        raise InputError(
+            "Give exactly one of --model_name_or_path (fine-tune) and --model_config (from scratch); got "
+            f"{given(model_args, 'model_name_or_path', 'model_config')}."
+        )
     if model_args.config_overrides and model_args.model_config is None:
-        raise ValueError("--config_overrides applies to --model_config; a pretrained model keeps its config.")
+        raise InputError(
+            f"--config_overrides applies to --model_config; a pretrained model keeps its config. Got "
+            f"{given(model_args, 'config_overrides', 'model_name_or_path')}."
+        )
     if (data_args.dataset_name is None) == (data_args.train_file is None):
-        raise ValueError("Give exactly one of --dataset_name and --train_file.")
+        sources = given(data_args, "dataset_name", "train_file")
+        raise InputError(f"Give exactly one of --dataset_name and --train_file; got {sources}.")
     if data_args.validation_file is not None and data_args.train_file is None:
-        raise ValueError("--validation_file needs --train_file.")
+        raise InputError(f"--validation_file needs --train_file; got {given(data_args, 'validation_file')}.")
+
+
+def cap_dataloader_workers(training_args: GRTrainingArguments) -> None:
+    """At most one data-loader worker per CPU this process may use (torch warns beyond that)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if training_args.dataloader_num_workers > cpus:
+        logger.info("dataloader_num_workers %d → %d: one per CPU", training_args.dataloader_num_workers, cpus)
+        training_args.dataloader_num_workers = cpus
 
 
 # ---- model and processor ----
@@ -167,21 +256,27 @@ def build_model_and_processor(
     """The model with a head for `labels`, and the image processor that prepares its inputs."""
     id2label = dict(enumerate(labels))
     if model_args.model_config is not None:
-        config = modeling.paper_vit_config(model_args.model_config, id2label, model_args.config_overrides)
+        try:
+            config = modeling.paper_vit_config(model_args.model_config, id2label, model_args.config_overrides)
+        except ValueError as error:  # an unknown name or override
+            raise InputError(str(error)) from error
         model = modeling.paper_vit(config)
         mean, std = channel_stats
         size = {"height": config.image_size, "width": config.image_size}
         processor = ViTImageProcessorPil(size=size, image_mean=mean, image_std=std, do_resize=True)
         return model, processor
     hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision}
-    config = AutoConfig.from_pretrained(
-        model_args.model_name_or_path,
-        num_labels=len(labels),
-        id2label=id2label,
-        label2id={label: i for i, label in id2label.items()},
-        finetuning_task="image-classification",
-        **hub_kwargs,
-    )
+    try:
+        config = AutoConfig.from_pretrained(
+            model_args.model_name_or_path,
+            num_labels=len(labels),
+            id2label=id2label,
+            label2id={label: i for i, label in id2label.items()},
+            finetuning_task="image-classification",
+            **hub_kwargs,
+        )
+    except OSError as error:  # no such model, or it cannot be fetched
+        raise InputError(f"Could not load --model_name_or_path {model_args.model_name_or_path!r}: {error}") from error
     model = AutoModelForImageClassification.from_pretrained(
         model_args.model_name_or_path,
         config=config,
@@ -190,6 +285,23 @@ def build_model_and_processor(
     )
     processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
     return model, processor
+
+
+def check_model_available(model_args: ModelArguments) -> None:
+    """Offline, a Hub model id must be in the local cache: say so, by name, before any data is loaded."""
+    name = model_args.model_name_or_path
+    if name is None or os.path.isdir(name) or not is_offline_mode():
+        return
+    try:
+        cached = try_to_load_from_cache(name, "config.json", model_args.cache_dir, model_args.model_revision)
+    except ValueError:  # not a valid repo id
+        cached = None
+    if not isinstance(cached, str):
+        raise InputError(
+            f"Model {name!r} is not in the local cache ({model_args.cache_dir or HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 "
+            "forbids downloading it: download it once online, point HF_HUB_CACHE at a cache holding it, or pass a "
+            "local directory."
+        )
 
 
 def optimizer_override(model_args: ModelArguments, training_args: GRTrainingArguments) -> tuple | None:
@@ -202,7 +314,7 @@ def optimizer_override(model_args: ModelArguments, training_args: GRTrainingArgu
     for item in filter(None, (training_args.optim_args or "").replace(" ", "").split(",")):
         key, _, value = item.partition("=")
         if key not in ("alpha", "eps", "momentum", "centered"):
-            raise ValueError(f"--optim_args for rmsprop takes alpha, eps, momentum, centered; got {key!r}.")
+            raise InputError(f"--optim_args for rmsprop takes alpha, eps, momentum, centered; got {key!r}.")
         kwargs[key] = value.lower() in ("true", "1", "yes") if key == "centered" else float(value)
     return modeling.DecoupledRMSprop, kwargs
 
@@ -218,22 +330,37 @@ def compute_metrics_fn() -> Any:
     return compute_metrics
 
 
+class ResumeMessage(TrainerCallback):
+    """Say where a resumed run picks up: "Resuming from checkpoint-100 (step 100 of 575)"."""
+
+    def __init__(self, checkpoint: str) -> None:
+        self.checkpoint = checkpoint
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            name = Path(self.checkpoint).name
+            logger.info("Resuming from %s (step %d of %d)", name, state.global_step, state.max_steps)
+
+
 # ---- the job ----
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train, evaluate, save (and push); returns the train and eval metrics."""
+    # Arguments: the config file, then flags; contradictions and an uncached model stop the run here.
     model_args, data_args, training_args = parse_args(argv)
-    check_args(model_args, data_args)
+    check_model_available(model_args)
 
-    # Logging: the Trainer's verbosity on the main process, warnings elsewhere.
+    # Logging: this script's INFO lines on the main process (--log_level sets them and the Trainer's verbosity).
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
     transformers.utils.logging.set_verbosity(log_level)
+    passive = training_args.log_level == "passive" and training_args.should_log
+    logger.setLevel(logging.INFO if passive else log_level)
     logger.info(
         "GR: λ=%s r=%s warmup=%s", training_args.gr_lambda, training_args.gr_r, training_args.gr_warmup_strategy
     )
+    cap_dataloader_workers(training_args)
 
     # The dataset, its columns and labels: every input error surfaces here, before any model is built.
     with training_args.main_process_first(desc="loading the dataset"):
@@ -248,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
     image_column, label_column = data.resolve_columns(raw["train"], data_args.image_column, data_args.label_column)
     data.resolve_columns(raw["validation"], image_column, label_column)
+    raw = data.decode_images(raw, image_column)
     if data_args.max_train_samples is not None:
         raw["train"] = raw["train"].shuffle(seed=training_args.seed).select(range(data_args.max_train_samples))
     if data_args.max_eval_samples is not None:
@@ -286,8 +414,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         checkpoint = training_args.resume_from_checkpoint
         if checkpoint is None and os.path.isdir(training_args.output_dir):
             checkpoint = get_last_checkpoint(training_args.output_dir)
-            if checkpoint is not None:
-                logger.info("Resuming from %s", checkpoint)
+        if checkpoint is not None:
+            trainer.add_callback(ResumeMessage(checkpoint))
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
         trainer.log_metrics("train", train_result.metrics)
@@ -319,4 +447,8 @@ def _file_name(path: str | None) -> str | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as error:  # a bad argument or unusable data: one line, no traceback
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
