@@ -1,19 +1,22 @@
-"""hf_gr: gradient regularization (GR) and its warmup strategies for the Hugging Face Trainer."""
+"""hf_gr: gradient regularization (GR) and its warmup strategies for the Hugging Face Trainer and Accelerate."""
 
-from .arguments import GRTrainingArguments
-from .callbacks import GRStepState, GRWarmupCallback, LambdaWarmupCallback, RWarmupCallback, ZeroWarmupCallback
+from .arguments import GRArguments, GRTrainingArguments
+from .callbacks import GRWarmupCallback, LambdaWarmupCallback, RWarmupCallback, ZeroWarmupCallback
 from .diagnostics import GRDiagnosticsCallback
-from .trainer import GRTrainer
+from .regularizer import GradientRegularizer
+from .trainer import GRMixin, GRTrainer
 
 __all__ = [
+    "GRArguments",
     "GRDiagnosticsCallback",
-    "GRStepState",
+    "GRMixin",
     "GRTrainer",
     "GRTrainingArguments",
     "GRWarmupCallback",
+    "GradientRegularizer",
     "LambdaWarmupCallback",
     "RWarmupCallback",
     "ZeroWarmupCallback",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

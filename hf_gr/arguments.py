@@ -1,104 +1,148 @@
-"""`GRTrainingArguments`: the gradient-regularization settings as `TrainingArguments` fields.
+"""`GRArguments`: the gradient-regularization settings, as a dataclass that combines with any `TrainingArguments`.
 
 GR (Zhao, Zhang & Hu, "When Will Gradient Regularization Be Harmful?", ICML 2024) minimizes
 L(θ) + λ·‖∇L(θ)‖₂ with the two-pass gradient g = (1 − α)·g1 + α·g2, where g1 = ∇L(θ),
 g2 = ∇L(θ + r·g1/‖g1‖) and α = λ/r. λ = r is SAM; λ = 0 is plain training.
+
+    @dataclass
+    class GRSFTConfig(GRArguments, SFTConfig): ...
+
+`GRTrainingArguments` is `GRArguments` + `TrainingArguments`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
 
 GR_WARMUP_STRATEGIES = ("none", "lambda", "r", "zero")
 GR_METHODS = ("finite_difference", "exact")
+GR_FIRST_TERMS = ("raw", "normalized")
 
 
 @dataclass
-class GRTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the GR fields; every field works from the command line and from YAML.
+class GRArguments:
+    """The GR fields and their validation; put it first among the bases of a `TrainingArguments` subclass.
 
     Args:
         gr_lambda (`float`, defaults to 0.1):
-            λ, the weight of the gradient-norm penalty L + λ·‖∇L‖₂. 0 turns GR off (plain single-pass steps).
+            λ, the weight of the gradient-norm penalty L + λ·‖∇L‖₂ (0 turns GR off: plain single-pass steps).
         gr_r (`float`, defaults to 0.1):
-            r, the radius of the finite-difference perturbation ε = r·g1/‖g1‖. α = λ/r mixes the two passes;
-            λ = r (α = 1) is SAM. The paper's CIFAR recipes use r = 0.1, α = 1.
+            r, the radius of the perturbation ε = r·g1/‖g1‖; α = λ/r mixes the two passes, and λ = r (α = 1) is
+            SAM. The paper's CIFAR recipes use r = 0.1, α = 1.
         gr_warmup_strategy (`str`, defaults to "zero"):
-            How GR is relaxed during the LR warmup: "zero" (λ = 0, plain steps), "lambda" (α ramps 0 → α),
-            "r" (r ramps 0 → r) or "none". The paper finds "zero" best with Adam/RMSProp.
+            How GR is relaxed during the LR warmup: zero (λ = 0, plain steps), lambda (α ramps 0 → α), r (r ramps
+            0 → r) or none. The paper finds zero best with Adam/RMSProp.
         gr_warmup_steps (`int`, *optional*):
-            Length W of the GR warmup in optimizer steps; None uses the LR warmup length of the run.
+            Length W of the GR warmup in optimizer steps (default: the LR warmup length of the run).
         gr_method (`str`, defaults to "finite_difference"):
-            "finite_difference" is the two-pass Hessian-free gradient; "exact" is the double-backprop gradient
-            ∇L + λ·H∇L/‖∇L‖, for verification and small models (single process only).
+            finite_difference (two passes) or exact (double backprop ∇L + λ·H∇L/‖∇L‖, for verification on small
+            models, single process).
         gr_sync_perturbation (`bool`, defaults to False):
-            Under data parallelism, perturb with the replica-averaged g1 (one extra all-reduce per GR
-            micro-batch) instead of each replica's own g1.
+            Under data parallelism, perturb with the replica-averaged g1 (one extra all-reduce per GR micro-batch)
+            instead of each replica's own g1.
+        gr_interval (`int`, defaults to 1):
+            k: only steps t that are multiples of k may be GR steps (composer's SAM interval).
+        gr_probability (`float`, defaults to 1.0):
+            p: such a step is a GR step with probability p, drawn from the seed and the step (the official code's
+            hybrid mode, RST, arXiv 2203.09962); the others are single-pass steps.
+        gr_reuse (`bool`, defaults to False):
+            Single-pass steps between GR steps add the GR correction kept from the last GR step, g + ρ·‖g‖·u
+            (LookSAM, arXiv 2203.02714); needs gr_interval > 1 or gr_probability < 1 to save anything.
+        gr_first_term (`str`, defaults to "raw"):
+            raw mixes g1 as the paper writes it, (1 − α)·g1 + α·g2; normalized mixes g1/‖g1‖ as the official code
+            does by default. They agree at α = 1.
         gr_diagnostics_steps (`int`, defaults to 0):
-            Every N optimizer steps, log ‖g1‖, ‖g2‖, cos(g1, g2) and the adaptive-LR statistics; 0 is off.
+            Log ‖g1‖, ‖g2‖, cos(g1, g2) and the adaptive-LR statistics every N optimizer steps (0 = off).
     """
 
     gr_lambda: float = field(
         default=0.1,
-        metadata={"help": "λ, the weight of the gradient-norm penalty L + λ·||∇L||₂ (0 turns GR off)."},
-    )
+        metadata={"help": "λ, the weight of the gradient-norm penalty L + λ·‖∇L‖₂ (0 turns GR off: plain single-pass "
+                  "steps)."},
+    )  # fmt: skip
     gr_r: float = field(
         default=0.1,
-        metadata={"help": "r, the perturbation radius; α = λ/r mixes the passes, λ = r is SAM (paper: r = 0.1)."},
-    )
+        metadata={"help": "r, the radius of the perturbation ε = r·g1/‖g1‖; α = λ/r mixes the two passes, and λ = r "
+                  "(α = 1) is SAM. The paper's CIFAR recipes use r = 0.1, α = 1."},
+    )  # fmt: skip
     gr_warmup_strategy: str = field(
         default="zero",
         metadata={
-            "help": "GR warmup during the LR warmup: zero (λ = 0), lambda (ramp α), r (ramp r) or none.",
+            "help": "How GR is relaxed during the LR warmup: zero (λ = 0, plain steps), lambda (α ramps 0 → α), r "
+            "(r ramps 0 → r) or none. The paper finds zero best with Adam/RMSProp.",
             "choices": list(GR_WARMUP_STRATEGIES),
         },
     )
     gr_warmup_steps: int | None = field(
         default=None,
-        metadata={"help": "GR warmup length W in optimizer steps (default: the LR warmup length)."},
+        metadata={"help": "Length W of the GR warmup in optimizer steps (default: the LR warmup length of the run)."},
     )
     gr_method: str = field(
         default="finite_difference",
         metadata={
-            "help": "finite_difference (two passes) or exact (double backprop, for verification).",
+            "help": "finite_difference (two passes) or exact (double backprop ∇L + λ·H∇L/‖∇L‖, for verification on "
+            "small models, single process).",
             "choices": list(GR_METHODS),
         },
     )
     gr_sync_perturbation: bool = field(
         default=False,
-        metadata={"help": "Perturb with the replica-averaged g1 (one extra all-reduce per GR micro-batch)."},
+        metadata={"help": "Under data parallelism, perturb with the replica-averaged g1 (one extra all-reduce per GR "
+                  "micro-batch) instead of each replica's own g1."},
+    )  # fmt: skip
+    gr_interval: int = field(
+        default=1,
+        metadata={"help": "k: only steps t that are multiples of k may be GR steps (composer's SAM interval)."},
+    )
+    gr_probability: float = field(
+        default=1.0,
+        metadata={"help": "p: such a step is a GR step with probability p, drawn from the seed and the step (the "
+                  "official code's hybrid mode, RST, arXiv 2203.09962); the others are single-pass steps."},
+    )  # fmt: skip
+    gr_reuse: bool = field(
+        default=False,
+        metadata={"help": "Single-pass steps between GR steps add the GR correction kept from the last GR step, "
+                  "g + ρ·‖g‖·u (LookSAM, arXiv 2203.02714); needs gr_interval > 1 or gr_probability < 1 to save "
+                  "anything."},
+    )  # fmt: skip
+    gr_first_term: str = field(
+        default="raw",
+        metadata={
+            "help": "raw mixes g1 as the paper writes it, (1 − α)·g1 + α·g2; normalized mixes g1/‖g1‖ as the official "
+            "code does by default. They agree at α = 1.",
+            "choices": list(GR_FIRST_TERMS),
+        },
     )
     gr_diagnostics_steps: int = field(
         default=0,
-        metadata={"help": "Log GR and adaptive-optimizer diagnostics every N optimizer steps (0 = off)."},
-    )
+        metadata={"help": "Log ‖g1‖, ‖g2‖, cos(g1, g2) and the adaptive-LR statistics every N optimizer steps (0 = "
+                  "off)."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if not _is_finite_number(self.gr_lambda) or self.gr_lambda < 0:
-            raise ValueError(f"gr_lambda must be a finite number >= 0 (0 turns GR off), got {self.gr_lambda!r}.")
-        if not _is_finite_number(self.gr_r) or self.gr_r <= 0:
-            raise ValueError(f"gr_r must be a finite number > 0 (the paper uses 0.1), got {self.gr_r!r}.")
-        if self.gr_warmup_strategy not in GR_WARMUP_STRATEGIES:
-            raise ValueError(
-                f"gr_warmup_strategy must be one of {', '.join(GR_WARMUP_STRATEGIES)}, "
-                f"got {self.gr_warmup_strategy!r}."
-            )
-        if self.gr_method not in GR_METHODS:
-            raise ValueError(f"gr_method must be one of {', '.join(GR_METHODS)}, got {self.gr_method!r}.")
-        if self.gr_warmup_steps is not None and (
-            isinstance(self.gr_warmup_steps, bool)
-            or int(self.gr_warmup_steps) != self.gr_warmup_steps
-            or self.gr_warmup_steps < 0
-        ):
-            raise ValueError(
-                f"gr_warmup_steps must be an integer >= 0 or None (the LR warmup), got {self.gr_warmup_steps!r}."
-            )
-        if self.gr_diagnostics_steps < 0:
-            raise ValueError(f"gr_diagnostics_steps must be >= 0 (0 = off), got {self.gr_diagnostics_steps!r}.")
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        validate_gr_arguments(self)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Validate the GR fields after whichever `__post_init__` a subclass resolves to (some bases do not call
+        `super().__post_init__()`, so `class A(TrainingArguments, GRArguments)` would otherwise skip it)."""
+        super().__init_subclass__(**kwargs)
+        post_init = cls.__post_init__
+        if getattr(post_init, "_validates_gr", False):
+            return
+
+        def __post_init__(self: Any) -> None:
+            post_init(self)
+            validate_gr_arguments(self)
+
+        __post_init__._validates_gr = True  # type: ignore[attr-defined]
+        cls.__post_init__ = __post_init__  # type: ignore[method-assign]
 
     @property
     def gr_alpha(self) -> float:
@@ -106,5 +150,52 @@ class GRTrainingArguments(TrainingArguments):
         return self.gr_lambda / self.gr_r
 
 
+GRArguments.__post_init__._validates_gr = True  # type: ignore[attr-defined]
+
+
+@dataclass
+class GRTrainingArguments(GRArguments, TrainingArguments):
+    """`TrainingArguments` plus the GR fields of `GRArguments`; every field works from the command line and YAML."""
+
+
+def validate_gr_arguments(args: Any) -> None:
+    """Refuse bad GR values with an error that names the field and its allowed values."""
+    if not _is_finite_number(args.gr_lambda) or args.gr_lambda < 0:
+        raise ValueError(f"gr_lambda must be a finite number >= 0 (0 turns GR off), got {args.gr_lambda!r}.")
+    if not _is_finite_number(args.gr_r) or args.gr_r <= 0:
+        raise ValueError(f"gr_r must be a finite number > 0 (the paper uses 0.1), got {args.gr_r!r}.")
+    _check_choice("gr_warmup_strategy", args.gr_warmup_strategy, GR_WARMUP_STRATEGIES)
+    _check_choice("gr_method", args.gr_method, GR_METHODS)
+    _check_choice("gr_first_term", args.gr_first_term, GR_FIRST_TERMS)
+    if args.gr_warmup_steps is not None and (not _is_integer(args.gr_warmup_steps) or args.gr_warmup_steps < 0):
+        raise ValueError(
+            f"gr_warmup_steps must be an integer >= 0 or None (the LR warmup), got {args.gr_warmup_steps!r}."
+        )
+    if not _is_integer(args.gr_interval) or args.gr_interval < 1:
+        raise ValueError(f"gr_interval must be an integer >= 1 (1: every step may be a GR step), got "
+                         f"{args.gr_interval!r}.")  # fmt: skip
+    if not _is_finite_number(args.gr_probability) or not 0 < args.gr_probability <= 1:
+        raise ValueError(f"gr_probability must be in (0, 1] (1: every candidate step is a GR step), got "
+                         f"{args.gr_probability!r}.")  # fmt: skip
+    if args.gr_reuse and args.gr_method == "exact":
+        raise ValueError("gr_reuse needs gr_method='finite_difference': the reused correction is the two-pass one.")
+    if not _is_integer(args.gr_diagnostics_steps) or args.gr_diagnostics_steps < 0:
+        raise ValueError(f"gr_diagnostics_steps must be an integer >= 0 (0 = off), got {args.gr_diagnostics_steps!r}.")
+
+
+def optimizer_name(args: Any) -> str:
+    """The `optim` of `TrainingArguments` as a plain string ("adamw_torch", "rmsprop", ...)."""
+    return str(getattr(args.optim, "value", args.optim))
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}.")
+
+
 def _is_finite_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,9 +1,10 @@
 """Model cards that record gradient regularization, for the output directory and for `push_to_hub`.
 
 The Trainer writes its card (`Trainer.create_model_card`, also called by `Trainer.push_to_hub` just before the
-upload); `GRTrainer.create_model_card` then adds to it, in the YAML metadata, an `hf_gr` block with the GR
-settings (λ, r, α, the warmup strategy and its length W, the method), the dataset, the base model and the eval
-results, plus the tags `gradient-regularization` and `hf_gr`, and a short "Gradient regularization" section.
+upload); `GRMixin.create_model_card` then adds to it, through huggingface_hub's `ModelCard`/`ModelCardData`:
+an `hf_gr` metadata block with the GR settings (λ, r, α, the warmup strategy and its length W, the method, the
+cheaper modes), the dataset, the base model and the eval results; the tags `gradient-regularization` and
+`hf_gr`; and a "Gradient regularization" section.
 """
 
 from __future__ import annotations
@@ -11,25 +12,35 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, ModelCardData
 from transformers import TrainerState
 
-from .arguments import GRTrainingArguments
-from .callbacks import resolve_warmup_steps
+from .arguments import GRArguments, optimizer_name
 
 GR_TAGS = ("gradient-regularization", "hf_gr")
-_SECTION_TITLE = "## Gradient regularization"
 _TIMINGS = ("runtime", "per_second")
-# What `Trainer.create_model_card` writes for a model with no base (its `_name_or_path` is empty).
-_NO_BASE_TEXT = "This model is a fine-tuned version of [](https://huggingface.co/) on"
+_SECTION = """## Gradient regularization
+
+Trained with hf_gr's gradient regularization, L + λ·‖∇L‖₂ (Zhao, Zhang & Hu, "When Will Gradient Regularization
+Be Harmful?", ICML 2024):
+
+- λ = {gr_lambda}, r = {gr_r} (α = λ/r = {alpha}), method: {gr_method}, first term: {gr_first_term}
+- GR warmup: {gr_warmup_strategy} over W = {gr_warmup_steps} optimizer steps
+- GR steps: every {gr_interval}th step with probability {gr_probability}; reuse between them: {gr_reuse}
+- optimizer: {optimizer}, learning rate {learning_rate}, weight decay {weight_decay}, {max_steps} steps
+- dataset: {dataset}; base model: {base}
+"""
 
 
 def gr_card_metadata(
-    args: GRTrainingArguments, state: TrainerState, dataset: str | None = None, base_model: str | None = None
+    args: GRArguments,
+    state: TrainerState,
+    warmup_steps: int | None,
+    dataset: str | None = None,
+    base_model: str | None = None,
 ) -> dict[str, Any]:
     """The `hf_gr` metadata block: GR settings, W, the dataset, the base model and the latest eval results."""
-    max_steps = state.max_steps or args.max_steps
-    eval_results = {}
+    eval_results: dict[str, Any] = {}
     for entry in state.log_history:
         if any(key.startswith("eval_") for key in entry):
             eval_results = {
@@ -40,55 +51,39 @@ def gr_card_metadata(
         "gr_r": args.gr_r,
         "gr_alpha": args.gr_alpha,
         "gr_warmup_strategy": args.gr_warmup_strategy,
-        "gr_warmup_steps": resolve_warmup_steps(args, max_steps) if max_steps > 0 else args.gr_warmup_steps,
+        "gr_warmup_steps": warmup_steps,
         "gr_method": args.gr_method,
-        "optimizer": str(getattr(args.optim, "value", args.optim)),
-        "learning_rate": args.learning_rate,
-        "weight_decay": args.weight_decay,
-        "max_steps": max_steps,
+        "gr_first_term": args.gr_first_term,
+        "gr_interval": args.gr_interval,
+        "gr_probability": args.gr_probability,
+        "gr_reuse": args.gr_reuse,
+        "optimizer": optimizer_name(args),
+        "learning_rate": getattr(args, "learning_rate", None),
+        "weight_decay": getattr(args, "weight_decay", None),
+        "max_steps": state.max_steps or getattr(args, "max_steps", None),
         "dataset": dataset,
         "base_model": base_model,
-        "eval_results": {k: _plain(v) for k, v in eval_results.items()},
+        "eval_results": {k: float(v) if isinstance(v, float) else v for k, v in eval_results.items()},
     }
 
 
 def add_gr_to_model_card(path: str, metadata: dict[str, Any]) -> ModelCard:
-    """Add the `hf_gr` metadata, the GR tags and a GR section to the model card at `path` (created if absent)."""
-    card = ModelCard.load(path) if os.path.exists(path) else ModelCard("---\n---\n")
-    card.data.hf_gr = metadata
-    card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *GR_TAGS]))
-    card.data.library_name = card.data.library_name or "transformers"
-    if metadata.get("base_model") and not card.data.base_model:
-        card.data.base_model = metadata["base_model"]
-    if metadata.get("dataset") and not card.data.datasets:
-        card.data.datasets = [metadata["dataset"]]
-    section = _gr_section(metadata)
-    text = card.text.replace(_NO_BASE_TEXT, "This model was trained from scratch on")
-    if _SECTION_TITLE in text:
-        text = text[: text.index(_SECTION_TITLE)].rstrip() + "\n"
-    card.text = text.rstrip() + "\n\n" + section
+    """Add the `hf_gr` metadata, the GR tags and the GR section to the model card at `path` (created if absent)."""
+    card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
+    data = card.data
+    data.hf_gr = metadata
+    data.tags = list(dict.fromkeys([*(data.tags or []), *GR_TAGS]))
+    data.library_name = data.library_name or "transformers"
+    if metadata.get("base_model") and not data.base_model:
+        data.base_model = metadata["base_model"]
+    if metadata.get("dataset") and not data.datasets:
+        data.datasets = [metadata["dataset"]]
+    section = _SECTION.format(
+        alpha=f"{metadata['gr_alpha']:.4g}", base=metadata["base_model"] or "none (trained from scratch)", **metadata
+    )
+    results = [f"{k} {v:.4g}" for k, v in metadata["eval_results"].items() if k in ("accuracy", "error_rate")]
+    if results:
+        section += f"- eval: {', '.join(results)}\n"
+    card.text = card.text.rstrip() + "\n\n" + section
     card.save(path)
     return card
-
-
-def _gr_section(m: dict[str, Any]) -> str:
-    results = ", ".join(f"{k} {_fmt(v)}" for k, v in m["eval_results"].items() if k in ("accuracy", "error_rate"))
-    return (
-        f"{_SECTION_TITLE}\n\n"
-        "Trained with hf_gr's gradient regularization, L + λ·‖∇L‖₂ "
-        '(Zhao, Zhang & Hu, "When Will Gradient Regularization Be Harmful?", ICML 2024):\n\n'
-        f"- λ = {m['gr_lambda']}, r = {m['gr_r']} (α = λ/r = {_fmt(m['gr_alpha'])}), method: {m['gr_method']}\n"
-        f"- GR warmup: {m['gr_warmup_strategy']} over W = {m['gr_warmup_steps']} optimizer steps\n"
-        f"- optimizer: {m['optimizer']}, learning rate {m['learning_rate']}, weight decay {m['weight_decay']}, "
-        f"{m['max_steps']} steps\n"
-        f"- dataset: {m['dataset']}; base model: {m['base_model'] or 'none (trained from scratch)'}\n"
-        + (f"- eval: {results}\n" if results else "")
-    )
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _plain(value: Any) -> Any:
-    return float(value) if isinstance(value, float) else value

@@ -1,82 +1,113 @@
-"""`GRTrainer`: the `transformers.Trainer` whose `training_step` computes the gradient-regularization gradient.
+"""`GRMixin`: gradient regularization for any `transformers.Trainer` subclass, and `GRTrainer = GRMixin + Trainer`.
 
-The math lives in `hf_gr.gradient`; this module orchestrates the two passes inside the Trainer's loop:
-gradient accumulation, loss normalization, mixed precision, dropout masks, and data-parallel sync.
+    class GRSFTTrainer(GRMixin, SFTTrainer): ...          # with @dataclass class GRSFTConfig(GRArguments, SFTConfig)
+
+The math lives in `hf_gr.gradient`, the passes in `hf_gr.regularizer`, which steps are GR steps in
+`hf_gr.schedule`. This module wires them into the Trainer's loop: the plan of each optimizer step (warmup on the
+LR schedule's step count, then interval, probability, reuse), the second pass's bookkeeping, the metrics logged,
+the checks at start-up, and what a checkpoint holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
-from . import checkpoint, gradient, hub, replay
-from .arguments import GRTrainingArguments
-from .callbacks import WARMUP_CALLBACKS, GRStepState, GRWarmupCallback
-from .diagnostics import GradientNormProbe, GRDiagnosticsCallback, SecondPassProbe
+from . import checkpoint, gradient, hub, schedule
+from .arguments import GRArguments, GRTrainingArguments, optimizer_name, validate_gr_arguments
+from .callbacks import WARMUP_CALLBACKS, GRWarmupCallback
+from .diagnostics import GradientNormProbe, GRDiagnosticsCallback, GRMetrics
+from .regularizer import GradientRegularizer
+from .schedule import GR, REUSE, StepPlan
 
 logger = logging.getLogger(__name__)
 
+GR_STATE_NAME = "gr_state.pt"
+# The Trainer internals GR relies on; `tests/test_trainer_internals.py` checks that they still exist.
+TRAINER_INTERNALS = (
+    "current_gradient_accumulation_steps",
+    "is_distributed_loading_by_transformers",
+    "_load_from_checkpoint",
+    "_load_best_model",
+)
 
-class GRTrainer(Trainer):
-    """A `Trainer` that trains with gradient regularization (GR) or SAM, configured by `GRTrainingArguments`.
 
-    Each optimizer step (per micro-batch under gradient accumulation) runs:
+class GRMixin:
+    """Gradient regularization (GR) or SAM for any `Trainer` subclass: put it first, `class X(GRMixin, Trainer)`.
 
-    1. pass 1 under `no_sync`: g1 = ∇L(θ), with what earlier micro-batches accumulated put aside;
-    2. ε = r·g1/‖g1‖ (global L2 norm over the trainable parameters, in float32), θ ← θ + ε;
-    3. `.grad` ← ((1 − α)·g1 + accumulated)/α, then pass 2 at θ + ε with the same dropout mask, whose backward
-       adds g2 and (on the sync micro-batch) all-reduces the combined gradient once; then `.grad` ×= α;
-    4. θ restored bit for bit from a copy, also when a pass raises.
+    Each optimizer step is planned once (`hf_gr.schedule`): λ_t and r_t from the warmup strategy on the LR
+    schedule's step count, then `gr_interval`, `gr_probability` and `gr_reuse` pick GR, plain or reuse steps.
+    A GR step's micro-batches run `GradientRegularizer`'s two passes around the parent's own `training_step`
+    (so its loss scaling, mixed precision and `compute_loss` apply to both); the others run the parent's step
+    once. The Trainer's clipping, optimizer step and scheduler then run unchanged on `.grad`.
 
-    A step whose λ or r is 0 (λ = 0, or the zero-warmup phase) is the stock single-pass step. The Trainer's
-    clipping, optimizer step and scheduler then run unchanged on `.grad`.
-
-    Logged metrics (with every training log entry, describing the step just taken): `gr_lambda`, `gr_r`.
+    Logged with every training log entry: `gr_lambda` and `gr_r` (what the last step applied; λ = 0 on a plain or
+    reuse step), `gr_step_fraction` and `gr_reuse_fraction` (the share of optimizer steps since the last log that
+    were GR and reuse steps), and the diagnostics of `GRDiagnosticsCallback` when it measured.
     """
 
-    args: GRTrainingArguments
+    args: GRArguments
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if len(args) < 2 and kwargs.get("args") is None:
-            kwargs["args"] = GRTrainingArguments(output_dir="tmp_trainer")  # as Trainer does without arguments
         super().__init__(*args, **kwargs)
-        if not isinstance(self.args, GRTrainingArguments):
-            raise TypeError(f"GRTrainer needs GRTrainingArguments, got {type(self.args).__name__}.")
-        self._check_distributed_setup()
-        self.gr_step_state = GRStepState(gr_lambda=self.args.gr_lambda, gr_r=self.args.gr_r)
-        self._gr_last_step: tuple[float, float] = (self.args.gr_lambda, self.args.gr_r)
-        self._bind_warmup_callback()
-        self._bind_diagnostics_callback()
+        if not isinstance(self.args, GRArguments):
+            raise TypeError(
+                f"{type(self).__name__} needs arguments with the GR fields, got {type(self.args).__name__}: use "
+                "GRTrainingArguments, or combine them, e.g. `@dataclass class MyConfig(GRArguments, SFTConfig)`."
+            )
+        validate_gr_arguments(self.args)
+        self._gr_check_setup()
+        self.gr_regularizer = GradientRegularizer(self.model, self.accelerator, self.args, seed=self.args.seed)
+        self.gr_metrics = GRMetrics()
+        self._gr_plan: StepPlan | None = None
+        self._gr_last_plan = StepPlan(GR, self.args.gr_lambda, self.args.gr_r)
+        self._gr_exact_lambda: float | None = None
+        self._gr_user_scheduler = self.lr_scheduler is not None
+        self._gr_warned_scheduler = False
+        self._gr_resume_state: str | None = None
+        self.gr_warmup = self._gr_bind_warmup_callback()
+        given = [cb for cb in self.callback_handler.callbacks if isinstance(cb, GRDiagnosticsCallback)]
+        if not given and self.args.gr_diagnostics_steps > 0:
+            given = [GRDiagnosticsCallback(self.args.gr_diagnostics_steps)]
+            self.add_callback(given[0])
+        for callback in given:
+            callback.bind(self.gr_metrics)
+        self.add_callback(_GRStepCallback(self))
 
     # ---- set-up ----
 
-    def _check_distributed_setup(self) -> None:
-        """Refuse, at start-up, the distributed modes the two-pass step cannot run under."""
+    def _gr_check_setup(self) -> None:
+        """Refuse, at start-up, what the two-pass step cannot run under, naming what to use instead."""
         if self.is_deepspeed_enabled:
             raise ValueError(
-                "GRTrainer does not support DeepSpeed: its engine steps the optimizer inside backward and ZeRO-2/3 "
+                "GR does not support DeepSpeed: its engine steps the optimizer inside backward and ZeRO-2/3 "
                 "partitions gradients out of `.grad`, so the two-pass GR gradient cannot be formed. Use DDP "
-                "(`accelerate launch --multi_gpu` or `torchrun`) instead."
+                "(`accelerate launch --multi_gpu`) or FSDP2 (`fsdp_version: 2`) instead."
             )
-        if self.is_fsdp_enabled:
+        if self.is_fsdp_enabled and getattr(self.accelerator, "is_fsdp2", False) is not True:
             raise ValueError(
-                "GRTrainer does not support FSDP yet: under `no_sync` FSDP keeps the unsharded gradients outside "
-                "`.grad`, so pass 1's g1 cannot be read per shard. Use DDP (`accelerate launch --multi_gpu`)."
+                "GR does not support FSDP1: under FSDP1 the sharded g1 cannot be read per shard. Use FSDP2: "
+                "`fsdp_version: 2` in the accelerate config (configs/accelerate/fsdp2.yaml) or "
+                "fsdp_config={'fsdp_version': 2}."
             )
-        if getattr(self, "is_distributed_loading_by_transformers", False):
+        if self.is_distributed_loading_by_transformers:
             raise ValueError(
-                "GRTrainer does not support models sharded or tensor-parallel at load time (`tp_plan`/`device_mesh`): "
-                "their gradients are reduced outside the Trainer's `no_sync`. Load the model whole and use DDP."
+                "GR does not support models sharded or tensor-parallel at load time (`tp_plan`/`device_mesh`): "
+                "their gradients are reduced outside the Trainer's `no_sync`. Load the model whole and use DDP or "
+                "FSDP2 through accelerate."
             )
-        optim = str(getattr(self.args.optim, "value", self.args.optim))
+        optim = optimizer_name(self.args)
         if optim in ("lomo", "adalomo") or optim.endswith("layerwise"):
             raise ValueError(
-                f"GRTrainer does not support optim={optim!r}: it updates the weights inside backward, so GR's first "
+                f"GR does not support optim={optim!r}: it updates the weights inside backward, so GR's first "
                 "pass would already step the optimizer. Use an optimizer that steps after backward (e.g. adamw_torch)."
             )
         if self.args.gr_method == "exact" and self.accelerator.num_processes > 1:
@@ -84,41 +115,75 @@ class GRTrainer(Trainer):
                 "gr_method='exact' (double backprop) is a single-process verification tool; use "
                 "gr_method='finite_difference' for multi-process training."
             )
+        if self.args.gr_first_term == "normalized" and (self.args.gradient_accumulation_steps > 1 or self.args.fp16):
+            raise ValueError(
+                "gr_first_term='normalized' (the official code's g1/‖g1‖) is defined for one micro-batch without "
+                "loss scaling: use gradient_accumulation_steps=1 and no fp16, or gr_first_term='raw'."
+            )
 
-    def _bind_warmup_callback(self) -> None:
-        """Bind the warmup callback: one passed in `callbacks` wins over `gr_warmup_strategy`; two are an error."""
+    def _gr_bind_warmup_callback(self) -> GRWarmupCallback | None:
+        """The warmup strategy: one passed in `callbacks` wins over `gr_warmup_strategy`; two are an error."""
         given = [cb for cb in self.callback_handler.callbacks if isinstance(cb, GRWarmupCallback)]
         if len(given) > 1:
             raise ValueError(
-                f"GRTrainer got {len(given)} GR warmup callbacks ({', '.join(type(c).__name__ for c in given)}); "
-                "pass at most one, or set gr_warmup_strategy instead."
+                f"{type(self).__name__} got {len(given)} GR warmup callbacks "
+                f"({', '.join(type(c).__name__ for c in given)}); pass at most one, or set gr_warmup_strategy."
             )
         if given:
             callback = given[0]
-            if callback.strategy != self.args.gr_warmup_strategy:
-                logger.info(
-                    "Using the %s callback passed to GRTrainer instead of gr_warmup_strategy=%r.",
-                    type(callback).__name__,
-                    self.args.gr_warmup_strategy,
+            if callback.strategy is None and type(callback).coefficients is GRWarmupCallback.coefficients:
+                raise ValueError(
+                    f"{type(callback).__name__} is not a warmup strategy: pass LambdaWarmupCallback, RWarmupCallback "
+                    "or ZeroWarmupCallback (or a subclass that defines `coefficients`)."
                 )
+            if callback.strategy is not None and callback.strategy != self.args.gr_warmup_strategy:
+                logger.info("Using the %s passed in callbacks instead of gr_warmup_strategy=%r.",
+                            type(callback).__name__, self.args.gr_warmup_strategy)  # fmt: skip
                 self.args.gr_warmup_strategy = callback.strategy  # checkpoints and the model card say what ran
             if callback.warmup_steps is not None:
                 self.args.gr_warmup_steps = callback.warmup_steps
-        elif self.args.gr_warmup_strategy in WARMUP_CALLBACKS:
-            callback = WARMUP_CALLBACKS[self.args.gr_warmup_strategy](self.args.gr_warmup_steps)
+            return callback
+        if self.args.gr_warmup_strategy in WARMUP_CALLBACKS:
+            callback = WARMUP_CALLBACKS[self.args.gr_warmup_strategy]()
             self.add_callback(callback)
-        else:
-            return
-        callback.bind(self.gr_step_state)
+            return callback
+        return None
 
-    def _bind_diagnostics_callback(self) -> None:
-        """Add `GRDiagnosticsCallback` when `gr_diagnostics_steps` > 0 (unless one was passed) and bind it."""
-        given = [cb for cb in self.callback_handler.callbacks if isinstance(cb, GRDiagnosticsCallback)]
-        if not given and self.args.gr_diagnostics_steps > 0:
-            given = [GRDiagnosticsCallback(self.args.gr_diagnostics_steps)]
-            self.add_callback(given[0])
-        for callback in given:
-            callback.bind(self.gr_step_state)
+    # ---- the plan of each optimizer step ----
+
+    def gr_warmup_length(self) -> int:
+        """W: `gr_warmup_steps`, else the LR warmup of the run (read from a scheduler the user passed, if it can)."""
+        if self.args.gr_warmup_steps is not None:
+            return int(self.args.gr_warmup_steps)
+        max_steps = self.state.max_steps or self.args.max_steps
+        if self._gr_user_scheduler and self.lr_scheduler is not None:
+            found = schedule.scheduler_warmup_steps(self.lr_scheduler)
+            if found is not None:
+                return found
+            if not self._gr_warned_scheduler:
+                self._gr_warned_scheduler = True
+                logger.warning(
+                    "Cannot tell the LR warmup of the %s passed in `optimizers`; the GR warmup uses W = %d from "
+                    "warmup_steps. Set gr_warmup_steps to your scheduler's warmup length.",
+                    type(self.lr_scheduler).__name__, self.args.get_warmup_steps(max_steps) if max_steps > 0 else 0,
+                )  # fmt: skip
+        return self.args.get_warmup_steps(max_steps) if max_steps > 0 else 0
+
+    def gr_step_plan(self) -> StepPlan:
+        """The plan of the optimizer step that starts now (computed at its first micro-batch, then kept)."""
+        if self._gr_plan is None:
+            fraction = schedule.warmup_fraction(self._gr_schedule_step(), self.gr_warmup_length())
+            a = self.args
+            if self.gr_warmup is not None:
+                gr_lambda, gr_r = self.gr_warmup.coefficients(a.gr_lambda, a.gr_r, fraction)
+            else:
+                gr_lambda, gr_r = schedule.warmup_coefficients(a.gr_warmup_strategy, a.gr_lambda, a.gr_r, fraction)
+            self._gr_plan = self.gr_regularizer.plan_from(gr_lambda, gr_r, self.state.global_step)
+        return self._gr_plan
+
+    def _gr_schedule_step(self) -> int:
+        """t of the warmup: the LR scheduler's step count (it does not advance on a step the fp16 scaler skips)."""
+        return schedule.scheduler_step(self.lr_scheduler, default=self.state.global_step)
 
     # ---- the training step ----
 
@@ -128,180 +193,193 @@ class GRTrainer(Trainer):
         inputs: dict[str, torch.Tensor | Any],
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """One micro-batch: the stock step when λ or r is 0, else the GR gradient added to `.grad`."""
-        gr_lambda, gr_r = self.gr_step_state.gr_lambda, self.gr_step_state.gr_r
-        self._gr_last_step = (gr_lambda, gr_r)
-        if gr_lambda == 0.0 or gr_r == 0.0:
-            if self.gr_step_state.record_diagnostics:
-                return self._plain_step_with_norm(model, inputs, num_items_in_batch)
-            return super().training_step(model, inputs, num_items_in_batch)
-        if self.args.gr_method == "exact":
-            return self._exact_step(model, inputs, num_items_in_batch, gr_lambda)
-        return self._two_pass_step(model, inputs, num_items_in_batch, gr_lambda, gr_r)
+        """One micro-batch: the parent's step once (plain, reuse) or twice around the GR bookkeeping (GR)."""
+        plan = self.gr_step_plan()
+        self._gr_last_plan = plan
+        parent = super().training_step
+        if plan.kind == GR and self.args.gr_method == "exact":
+            self._gr_exact_lambda = plan.gr_lambda  # `compute_loss` adds λ·‖∇L‖ (double backprop)
+            try:
+                return parent(model, inputs, num_items_in_batch)
+            finally:
+                self._gr_exact_lambda = None
+        regularizer = self.gr_regularizer
+        regularizer.model = model
+        recording = self.gr_metrics.recording
+        regularizer.metrics = self.gr_metrics.add if recording else None
+        if recording:
+            regularizer.diagnostics_scale = self._gr_diagnostics_scale()
+        passes = 0
 
-    def _two_pass_step(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        num_items_in_batch: torch.Tensor | int | None,
-        gr_lambda: float,
-        gr_r: float,
-    ) -> torch.Tensor:
-        """The finite-difference GR gradient of one micro-batch, added to `.grad` (see the class docstring)."""
-        alpha = gr_lambda / gr_r
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        accumulated = gradient.take_grads(trainable)  # earlier micro-batches' sum, put aside (no copy)
-        rng = replay.rng_state()
+        def run_pass() -> torch.Tensor:
+            nonlocal passes
+            passes += 1
+            if passes == 1:
+                return parent(model, dict(inputs), num_items_in_batch)
+            with self._gr_second_pass_bookkeeping():
+                return parent(model, dict(inputs), num_items_in_batch)
 
-        # Pass 1: g1 = ∇L(θ), never synced across replicas.
-        try:
-            with self.accelerator.no_sync(model):
-                loss = super().training_step(model, dict(inputs), num_items_in_batch)
-        except BaseException:
-            for p, a in zip(trainable, accumulated or [None] * len(trainable)):
-                p.grad = a  # lose nothing that earlier micro-batches accumulated
-            raise
-        distributed = self.accelerator.num_processes > 1
-        if self.args.gr_sync_perturbation and distributed:
-            self._average_across_replicas(trainable)
-        params, grads = gradient.params_with_grads(trainable)
-        norm = gradient.global_grad_norm(grads).item()
-        scale = gradient.perturbation_scale(norm, gr_r, gradient.norm_floor(grads))
-        if scale is None and not distributed:
-            # ‖g1‖ zero or not finite: a plain step. An inf/NaN g1 stays in `.grad` so the fp16 scaler skips it.
-            gradient.add_back_(trainable, accumulated)
-            return loss
-
-        # Pass 2 at θ + ε (at θ when g1 gave no direction: every replica still runs it, so collectives match).
-        probe = None
-        if self.gr_step_state.record_diagnostics:
-            probe = SecondPassProbe(self.gr_step_state, params, grads, norm, self._diagnostics_scale())
-        backup = gradient.snapshot(params) if scale is not None else None
-        try:
-            if backup is not None:
-                gradient.perturb_(params, grads, scale)
-            gradient.prepare_second_pass_(trainable, alpha, accumulated)
-            # g1 (dropped from `.grad` at α = 1) and the put-aside sum now live in `.grad` or nowhere:
-            # holding these lists through pass 2 would keep one more parameter-sized buffer alive.
-            del accumulated, grads
-            replay.set_rng_state(rng)
-            with replay.frozen_running_stats(model):
-                super().training_step(model, dict(inputs), num_items_in_batch)
-            gradient.finish_second_pass_(trainable, alpha)
+        if recording and plan.kind != GR:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            with GradientNormProbe(trainable, regularizer.diagnostics_scale, self.gr_metrics.add):
+                loss = regularizer.step(run_pass, plan, self.accelerator.sync_gradients)
+        else:
+            loss = regularizer.step(run_pass, plan, self.accelerator.sync_gradients)
+        if passes == 2:
             self.current_flos += float(self.floating_point_ops(inputs))  # the loop counts one pass
-        finally:
-            if backup is not None:
-                gradient.restore_(params, backup)
-            if probe is not None:
-                probe.close()
         return loss
 
-    def _plain_step_with_norm(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
-    ) -> torch.Tensor:
-        """The stock step, measuring this micro-batch's ‖g‖ (this replica's, before any all-reduce)."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        probe = GradientNormProbe(self.gr_step_state, params, self._diagnostics_scale())
-        try:
-            return super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            probe.close()
-
-    def _exact_step(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None, gr_lambda: float
-    ) -> torch.Tensor:
-        """Double backprop: the gradient of L + λ·‖∇L‖₂, for verification on small models."""
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        inputs = self._prepare_inputs(dict(inputs))
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-        if self.args.n_gpu > 1:
-            loss = loss.mean()
-        loss = self._scale_for_accumulation(loss, num_items_in_batch)
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """The parent's loss, plus λ·‖∇L‖₂ by double backprop on a GR step with `gr_method="exact"`."""
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        if self._gr_exact_lambda is None:
+            return result
+        loss, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, None)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.accelerator.backward(gradient.exact_gr_loss(loss, trainable, gr_lambda))
-        return loss.detach()
+        loss = gradient.exact_gr_loss(loss, trainable, self._gr_exact_lambda)
+        return loss if rest is None else (loss, *rest)
+
+    @contextlib.contextmanager
+    def _gr_second_pass_bookkeeping(self) -> Iterator[None]:
+        """What the parent records per `compute_loss` call (TRL's `_metrics`, token counts) counts pass 1 only."""
+        metrics = getattr(self, "_metrics", None)
+        saved_metrics = None
+        if isinstance(metrics, dict):
+            saved_metrics = {mode: {k: list(v) for k, v in values.items()} for mode, values in metrics.items()
+                             if isinstance(values, dict)}  # fmt: skip
+        tokens = getattr(self, "_total_train_tokens", None)
+        try:
+            yield
+        finally:
+            if saved_metrics is not None:
+                for mode, values in saved_metrics.items():
+                    metrics[mode].clear()
+                    metrics[mode].update(values)
+            if tokens is not None:
+                self._total_train_tokens = tokens
+
+    def _gr_diagnostics_scale(self) -> float:
+        """What divides a raw gradient norm into one batch's: the fp16 loss scale over the accumulation steps."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        return loss_scale / self.current_gradient_accumulation_steps
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Add the λ and r of the step just taken to every training log entry."""
+        """Add GR's metrics to every training log entry (the step's λ, r; the fractions; the diagnostics)."""
         if "loss" in logs:
-            logs["gr_lambda"], logs["gr_r"] = self._gr_last_step
-            logs.update(self.gr_step_state.diagnostics)
-            self.gr_step_state.diagnostics.clear()
+            logs["gr_lambda"], logs["gr_r"] = self._gr_last_plan.gr_lambda, self._gr_last_plan.gr_r
+            logs.update(self.gr_metrics.pop_means(self.args.device if self.args.world_size > 1 else None))
         super().log(logs, *args, **kwargs)
 
-    # ---- model card ----
+    # ---- train, checkpoints, model card ----
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's `train`, restoring GR's own state (the kept reuse direction) when resuming."""
+        path = resume_from_checkpoint
+        if path is True:
+            path = get_last_checkpoint(self.args.output_dir)
+        if isinstance(path, str):
+            state = os.path.join(path, _gr_state_name(self.args.process_index, self.args.world_size))
+            if os.path.isfile(state):
+                self.gr_regularizer.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
+        self._gr_plan = None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _gr_save_state(self, folder: str) -> None:
+        if self.args.gr_reuse and os.path.isdir(folder):
+            name = _gr_state_name(self.args.process_index, self.args.world_size)
+            torch.save(self.gr_regularizer.state_dict(), os.path.join(folder, name))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """The stock loader, unless transformers' load-time key renaming bites (see `hf_gr.checkpoint`)."""
+        target = self.model if model is None else model
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled) and checkpoint.load_renamed_weights(
+            target, resume_from_checkpoint
+        ):
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """The stock loader, unless transformers' load-time key renaming bites (see `hf_gr.checkpoint`)."""
+        best = self.state.best_model_checkpoint
+        plain = not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        if plain and checkpoint.load_renamed_weights(self.model, best):
+            logger.info("Loaded best model from %s (score: %s).", best, self.state.best_metric)
+            return
+        super()._load_best_model()
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """The Trainer's card (also written by `push_to_hub`) plus an `hf_gr` metadata block, GR tags and section.
 
         `dataset` and `finetuned_from` (the base model; None for a model trained from scratch) go into the card.
         """
-        super().create_model_card(*args, **kwargs)
+        with _from_scratch_card(self.model, kwargs.get("finetuned_from")):
+            super().create_model_card(*args, **kwargs)
         if self.is_world_process_zero():
             dataset = kwargs.get("dataset")
             metadata = hub.gr_card_metadata(
-                self.args,
-                self.state,
-                dataset[0] if isinstance(dataset, list) else dataset,
+                self.args, self.state, self.gr_warmup_length(), dataset[0] if isinstance(dataset, list) else dataset,
                 kwargs.get("finetuned_from"),
-            )
+            )  # fmt: skip
             hub.add_gr_to_model_card(os.path.join(self.args.output_dir, "README.md"), metadata)
 
-    # ---- checkpoints ----
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Resume the weights through transformers' key conversion (the stock loader skips renamed keys)."""
-        target = self.model if model is None else model
-        if self._plain_weights() and checkpoint.load_converted_weights(target, resume_from_checkpoint):
-            return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+class GRTrainer(GRMixin, Trainer):
+    """A `Trainer` that trains with gradient regularization (GR) or SAM, configured by `GRTrainingArguments`.
 
-    def _load_best_model(self) -> None:
-        """Load the best checkpoint's weights through the key conversion, like `_load_from_checkpoint`."""
-        best = self.state.best_model_checkpoint
-        if self._plain_weights() and checkpoint.load_converted_weights(self.model, best):
-            logger.info("Loaded best model from %s (score: %s).", best, self.state.best_metric)
-            return
-        super()._load_best_model()
+    See `GRMixin` for the step and the logged metrics.
+    """
 
-    def _plain_weights(self) -> bool:
-        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if len(args) < 2 and kwargs.get("args") is None:
+            kwargs["args"] = GRTrainingArguments(output_dir="tmp_trainer")  # as Trainer does without arguments
+        super().__init__(*args, **kwargs)
 
-    # ---- helpers ----
 
-    def _scale_for_accumulation(
-        self, loss: torch.Tensor, num_items_in_batch: torch.Tensor | int | None
-    ) -> torch.Tensor:
-        """Divide by the accumulation steps unless the loss is already normalized (as the stock step does)."""
-        scaled = getattr(self, "loss_is_scaled_for_ga", None)
-        if scaled is None:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-                self.compute_loss_func is not None
-            )
-        if scaled:
-            return loss
-        return loss / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+class _GRStepCallback(TrainerCallback):
+    """The mixin's own bookkeeping per optimizer step: a new plan, the step counts, W's warning, GR's state."""
 
-    def _average_across_replicas(self, trainable: list[torch.Tensor]) -> None:
-        """g1 ← its mean over the replicas, in one all-reduce (for `gr_sync_perturbation`).
+    def __init__(self, trainer: GRMixin) -> None:
+        self.trainer = trainer
 
-        A parameter without a gradient on this replica takes part with zeros, so all replicas reduce alike.
-        """
-        for p in trainable:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in trainable]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        flat = self.accelerator.reduce(flat, reduction="mean")
-        chunks = torch.split(flat, [g.numel() for g in grads])
-        torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(chunks, grads)])
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = self.trainer
+        if trainer.gr_warmup is not None and trainer.gr_warmup_length() == 0:
+            logger.warning("%s-warmup has W = 0 (no LR warmup and no gr_warmup_steps): full GR from the first step.",
+                           trainer.gr_warmup.strategy)  # fmt: skip
 
-    def _diagnostics_scale(self) -> float:
-        """What divides a raw gradient norm into one batch's: the fp16 loss scale over the accumulation steps."""
-        scaler = getattr(self.accelerator, "scaler", None)
-        loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        return loss_scale / steps
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._gr_plan = None
+        self.trainer.gr_regularizer.start_step()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = self.trainer
+        kind = trainer._gr_last_plan.kind
+        trainer.gr_metrics.add("gr_step_fraction", float(kind == GR))
+        trainer.gr_metrics.add("gr_reuse_fraction", float(kind == REUSE))
+        trainer._gr_plan = None
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._gr_save_state(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+
+@contextlib.contextmanager
+def _from_scratch_card(model: nn.Module, finetuned_from: str | None) -> Iterator[None]:
+    """Let the Trainer's card say "trained from scratch" for a model without a base.
+
+    `TrainingSummary.from_trainer` takes the base from `config._name_or_path` unless that is a directory; for a
+    model built from a config it is "", and the card would link a fine-tuned version of "[]". "." is a directory.
+    """
+    config = getattr(model, "config", None)
+    if finetuned_from is not None or config is None or getattr(config, "_name_or_path", None):
+        yield
+        return
+    config._name_or_path = os.curdir
+    try:
+        yield
+    finally:
+        config._name_or_path = ""
+
+
+def _gr_state_name(process_index: int, world_size: int) -> str:
+    return GR_STATE_NAME if world_size <= 1 else f"gr_state_{process_index}.pt"

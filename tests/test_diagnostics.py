@@ -110,7 +110,8 @@ class _MeasuringTrainer(GRTrainer):
     [
         (0.05, 0, 2),  # α = 0.5: the θ copy, and (1 − α)·g1 already in `.grad`
         (0.1, 0, 1),  # α = 1 (SAM): the θ copy only; g1 is dropped before pass 2
-        (0.05, 1, 3),  # a diagnostic step also holds g1 aside once
+        (0.05, 1, 2),  # a diagnostic step measures g2 in the same hooks: nothing more
+        (0.1, 1, 2),  # at α = 1 a diagnostic step keeps g1 for cos(g1, g2)
     ],
 )
 def test_memory_gr_holds_during_pass_two(tmp_path, gr_lambda, diagnostics, buffers):

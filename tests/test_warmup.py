@@ -5,7 +5,6 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 from hf_gr import GRTrainer, LambdaWarmupCallback, RWarmupCallback, ZeroWarmupCallback
-from hf_gr.callbacks import resolve_warmup_steps
 
 from gr_testing import DictDataset, TinyNet, make_args, params_of
 
@@ -58,18 +57,18 @@ def test_gr_warmup_steps_overrides_lr_warmup(tmp_path):
     args = make_args(
         tmp_path, max_steps=20, warmup_steps=10, gr_warmup_steps=4, logging_steps=1, gr_warmup_strategy="zero"
     )
-    assert resolve_warmup_steps(args, 20) == 4
     trainer = GRTrainer(model=TinyNet(), args=args, train_dataset=DictDataset(64))
     trainer.train()
+    assert trainer.gr_warmup_length() == 4
     lam = {e["step"]: e["gr_lambda"] for e in trainer.state.log_history if "gr_lambda" in e}
     assert lam[4] == 0.0 and lam[5] == args.gr_lambda  # zero-warmup ends at t = 4, not at the LR's 10
 
 
 def test_lr_warmup_ratio_is_honoured(tmp_path):
     args = make_args(tmp_path, max_steps=16, warmup_steps=0.25, logging_steps=1, gr_warmup_strategy="zero")
-    assert resolve_warmup_steps(args, 16) == 4  # transformers 5.x: a warmup_steps below 1 is a ratio
     trainer = GRTrainer(model=TinyNet(), args=args, train_dataset=DictDataset(64))
     trainer.train()
+    assert trainer.gr_warmup_length() == 4  # transformers 5.x: a warmup_steps below 1 is a ratio
     assert [s for s, lam, _ in _logged(trainer) if lam == 0.0] == [1, 2, 3, 4]
 
 
@@ -88,9 +87,11 @@ def test_two_warmup_callbacks_are_refused(tmp_path):
         GRTrainer(model=TinyNet(), args=make_args(tmp_path), callbacks=[LambdaWarmupCallback(), ZeroWarmupCallback()])
 
 
-def test_unbound_callback_says_how_to_bind():
-    with pytest.raises(RuntimeError, match="GRTrainer"):
-        ZeroWarmupCallback().on_step_begin(None, None, None)
+def test_base_callback_is_refused_at_construction(tmp_path):
+    from hf_gr import GRWarmupCallback
+
+    with pytest.raises(ValueError, match="LambdaWarmupCallback, RWarmupCallback or ZeroWarmupCallback"):
+        GRTrainer(model=TinyNet(), args=make_args(tmp_path), callbacks=[GRWarmupCallback()])
 
 
 def _tiny_vit() -> ViTForImageClassification:

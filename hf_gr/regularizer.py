@@ -1,0 +1,464 @@
+"""`GradientRegularizer`: the GR gradient of one micro-batch, added to `.grad`, for any training loop.
+
+It runs the two passes of a GR step around a function that does one forward and backward (the Trainer's own
+`training_step`, or a custom loop's loss and `accelerator.backward`):
+
+1. pass 1 under `no_sync` (DDP) or with the reduce-scatter on (FSDP2): g1 = ∇L(θ), with what earlier
+   micro-batches accumulated in `.grad` (A) put aside, untouched;
+2. d = g1/‖g1‖ (global L2 norm over the trainable parameters, on the device), θ ← θ + r·d;
+3. pass 2 at θ + ε with the same random masks. As each parameter's g2 arrives, a gradient hook forms
+   g1 + α·(g2 − g1) + A in g1's storage and hands it to autograd, so under DDP the last micro-batch's all-reduce
+   carries the combined gradient (one all-reduce per optimizer step, as in plain training). Under FSDP2 (hooks
+   on sharded parameters do not fire) the combination is formed on the shards after pass 2;
+4. θ restored bit for bit from a copy. When a pass raises, θ and `.grad` (= A) are left exactly as before.
+
+Nothing here reads a value back to the host: a zero or non-finite ‖g1‖ is handled on the device (a zero g1 gives
+a plain step, a non-finite one a non-finite gradient that the fp16 scaler skips).
+
+For a custom Accelerate loop, call `backward(loss_fn)` in place of `accelerator.backward(loss)`:
+
+    regularizer = GradientRegularizer(model, accelerator, GRArguments(gr_lambda=0.1, gr_r=0.1, gr_warmup_steps=100))
+    for batch in dataloader:
+        with accelerator.accumulate(model):
+            loss = regularizer.backward(lambda: model(**batch).loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import gradient, replay, schedule
+from .arguments import GRArguments
+from .schedule import GR, REUSE, StepPlan
+
+try:  # torch >= 2.4
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()  # type: ignore[assignment,misc]
+
+
+class GradientRegularizer:
+    """Computes the GR gradient of each micro-batch into `.grad`, for the Trainer (`GRMixin`) and custom loops.
+
+    Args:
+        model (`nn.Module`): the model as the loop calls it (the DDP/FSDP-wrapped one after `accelerator.prepare`).
+        accelerator (`accelerate.Accelerator`, *optional*): the loop's accelerator (its `no_sync`, `backward`,
+            `sync_gradients`); None for a plain PyTorch loop.
+        args (`GRArguments`, *optional*): the GR settings (default: `GRArguments()`).
+        seed (`int`, *optional*): the seed of the `gr_probability` draws (default: `args.seed`, else 0).
+        warmup_steps (`int`, *optional*): W for custom loops (default: `args.gr_warmup_steps`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        accelerator: Any = None,
+        args: GRArguments | None = None,
+        seed: int | None = None,
+        warmup_steps: int | None = None,
+    ) -> None:
+        self.model = model
+        self.accelerator = accelerator
+        self.args = args if args is not None else GRArguments()
+        self.seed = int(seed if seed is not None else getattr(self.args, "seed", 0) or 0)
+        self.warmup_steps = warmup_steps if warmup_steps is not None else self.args.gr_warmup_steps
+        self.completed_steps = 0  # optimizer steps taken through `backward` (custom loops)
+        self.reuse = ReuseState()
+        self.metrics: Callable[[str, torch.Tensor], None] | None = None  # set while a diagnostic step records
+        self.diagnostics_scale = 1.0  # divides raw norms into one batch's (loss scale over accumulation)
+
+    # ---- custom loops ----
+
+    def plan(self, step: int) -> StepPlan:
+        """The plan of optimizer step `step` for a custom loop (W = `warmup_steps`)."""
+        if self.args.gr_warmup_strategy != "none" and self.warmup_steps is None:
+            raise ValueError(
+                f"gr_warmup_strategy={self.args.gr_warmup_strategy!r} needs the warmup length: set "
+                "gr_warmup_steps (or pass warmup_steps=) to your LR warmup in optimizer steps."
+            )
+        fraction = schedule.warmup_fraction(step, self.warmup_steps or 0)
+        gr_lambda, gr_r = schedule.warmup_coefficients(
+            self.args.gr_warmup_strategy, self.args.gr_lambda, self.args.gr_r, fraction
+        )
+        return self.plan_from(gr_lambda, gr_r, step)
+
+    def plan_from(self, gr_lambda: float, gr_r: float, step: int) -> StepPlan:
+        """The plan of step `step` given the warmed-up λ_t and r_t (interval, probability, reuse applied)."""
+        a = self.args
+        return schedule.plan_step(
+            gr_lambda, gr_r, step, interval=a.gr_interval, probability=a.gr_probability, reuse=a.gr_reuse,
+            seed=self.seed,
+        )  # fmt: skip
+
+    def backward(self, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Use in place of `accelerator.backward(loss_fn())`: adds this micro-batch's GR gradient to `.grad`.
+
+        `loss_fn` runs the forward pass and returns the loss; it is called twice on a GR step. The step counter
+        (for the warmup and the cheaper modes) advances on every micro-batch that syncs gradients.
+        """
+        plan = self.plan(self.completed_steps)
+        last = bool(getattr(self.accelerator, "sync_gradients", True))
+
+        def run_pass() -> torch.Tensor:
+            loss = loss_fn()
+            if plan.kind == GR and self.args.gr_method == "exact":
+                loss = gradient.exact_gr_loss(loss, self.trainable(), plan.gr_lambda)
+            if self.accelerator is not None:
+                self.accelerator.backward(loss)
+            else:
+                loss.backward()
+            return loss.detach()
+
+        if plan.kind == GR and self.args.gr_method == "exact":
+            loss = run_pass()
+        else:
+            loss = self.step(run_pass, plan, last)
+        if last:
+            self.completed_steps += 1
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step counter and the kept reuse direction (for `accelerator.register_for_checkpointing`)."""
+        return {"completed_steps": self.completed_steps, **self.reuse.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        self.completed_steps = int(state.get("completed_steps", 0))
+        self.reuse.load_state_dict(state)
+
+    # ---- one micro-batch ----
+
+    def start_step(self) -> None:
+        """Mark the start of an optimizer step (its first micro-batch comes next)."""
+        self.reuse.collecting = False
+
+    def trainable(self) -> list[torch.Tensor]:
+        """The parameters that require a gradient, in `model.parameters()` order."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def step(self, run_pass: Callable[[], torch.Tensor], plan: StepPlan, last_micro_batch: bool) -> torch.Tensor:
+        """One micro-batch of an optimizer step planned as `plan`; `run_pass` does one forward and backward."""
+        if plan.kind != GR:
+            loss = run_pass()
+            if plan.kind == REUSE and last_micro_batch and self.reuse.ready:
+                self._apply_reuse()
+            return loss
+        return self._gr_micro_batch(run_pass, plan, last_micro_batch)
+
+    def _gr_micro_batch(self, run_pass: Callable[[], torch.Tensor], plan: StepPlan, last: bool) -> torch.Tensor:
+        trainable = self.trainable()
+        sharded = any(isinstance(p, DTensor) for p in trainable)
+        accumulated = gradient.take_grads(trainable)  # A, put aside untouched (restored as is on a raise)
+        rng = replay.rng_state()
+        try:
+            with self._sync(sharded, on=sharded):
+                loss = run_pass()
+        except BaseException:
+            gradient.put_back_(trainable, accumulated)
+            raise
+        if self.args.gr_sync_perturbation and self._world_size() > 1 and not sharded:
+            self._average_across_replicas(trainable)
+        params, g1 = gradient.params_with_grads(trainable)
+        local_params, local_g1 = _local(params), _local(g1)
+        if self.args.gr_reuse:
+            self.reuse.collect_(trainable, params, local_g1, first=not self.reuse.collecting)
+        squared = gradient.squared_norm(local_g1)
+        if sharded:
+            squared = self._all_reduce_sum(squared)
+        norm = squared.sqrt()
+        divisor, _ = gradient.safe_divisor(norm, gradient.norm_floor(local_g1))
+        a_of = dict(zip(map(id, trainable), accumulated)) if accumulated is not None else {}
+        backup = gradient.snapshot(local_params)
+        handles: list[Any] = []
+        measured: list[torch.Tensor] = []
+        try:
+            gradient.perturb_(local_params, local_g1, plan.gr_r, divisor)
+            if self.args.gr_first_term == "normalized":
+                gradient.scale_(local_g1, divisor, divide=True)  # the official code mixes (1 − α)·g1/‖g1‖
+            if self.metrics is not None:
+                self.metrics("gr_grad_norm", norm / self.diagnostics_scale)
+            with_g1 = {id(p) for p in params}
+            for p in trainable:  # a parameter with A but no g1 is not in this micro-batch's graph: it keeps A
+                p.grad = None if id(p) in with_g1 else a_of.get(id(p))
+            replay.set_rng_state(rng)
+            if sharded:
+                self._second_pass_sharded(run_pass, params, local_g1, a_of, plan.alpha, measured)
+            else:
+                local_g1.clear()  # the same tensors as g1, which the combination now owns
+                combination = _Combination(
+                    params,
+                    g1,
+                    a_of,
+                    plan.alpha,
+                    keep_g1=plan.alpha != 1.0 or self.metrics is not None,
+                    measure=measured if self.metrics else None,
+                )
+                handles = combination.install()
+                with replay.frozen_running_stats(self.model):
+                    run_pass()
+                combination.finish_unfired()
+        except BaseException:
+            gradient.put_back_(trainable, accumulated)
+            raise
+        finally:
+            for handle in handles:
+                handle.remove()
+            gradient.restore_(local_params, backup)
+        if measured and self.metrics is not None:
+            self._record_second_pass(norm, measured)
+        if self.args.gr_reuse and last:
+            self._finish_reuse(trainable, sharded)
+        return loss
+
+    # ---- the combination ----
+
+    def _second_pass_sharded(
+        self,
+        run_pass: Callable[[], torch.Tensor],
+        params: list[torch.Tensor],
+        local_g1: list[torch.Tensor],
+        a_of: dict[int, torch.Tensor | None],
+        alpha: float,
+        measured: list[torch.Tensor],
+    ) -> None:
+        """FSDP2: pass 2 reduce-scatters g2 into `.grad`; then g1 + α·(g2 − g1) + A on each rank's shards."""
+        with self._sync(True, on=True), replay.frozen_running_stats(self.model):
+            run_pass()
+        for p, first in zip(params, local_g1):
+            g2 = p.grad
+            if g2 is None:
+                g2_local = torch.zeros_like(first)
+            else:
+                g2_local = _local([g2])[0]
+            if self.metrics is not None:
+                g2f = g2_local.detach().float()
+                measured.append(torch.stack([g2f.square().sum(), (g2f * first.float()).sum()]).cpu())
+            a = a_of.get(id(p))
+            gradient.mix_(first, g2_local, alpha, None if a is None else _local([a])[0])
+            p.grad = _as_grad_like(p, first, g2)
+        if measured:
+            total = self._all_reduce_sum(torch.stack(measured).sum(0))
+            measured[:] = [total]
+
+    def _record_second_pass(self, norm: torch.Tensor, measured: list[torch.Tensor]) -> None:
+        total = torch.stack(measured).sum(0)
+        g2_norm = total[0].sqrt()
+        dot = total[1] if self.args.gr_first_term == "raw" else total[1] * norm.cpu()
+        cosine = torch.where(g2_norm * norm.cpu() > 0, dot / (g2_norm * norm.cpu()), torch.zeros(()))
+        self.metrics("gr_perturbed_grad_norm", g2_norm / self.diagnostics_scale)
+        self.metrics("gr_cosine", cosine)
+
+    # ---- reuse (LookSAM) ----
+
+    def _finish_reuse(self, trainable: list[torch.Tensor], sharded: bool) -> None:
+        """After a GR step's last micro-batch: u and ρ from the step's g1 sum and g_GR (both replica means)."""
+        state = self.reuse
+        if self._world_size() > 1 and not sharded and not self.args.gr_sync_perturbation:
+            state.flat.copy_(self._all_reduce_sum(state.flat) / self._world_size())  # the replica-mean g1
+        _, grads = gradient.params_with_grads(trainable)
+        views = [state.view_of[id(p)] for p in trainable if p.grad is not None]
+        reduce = self._all_reduce_sum if sharded else None
+        rho = gradient.orthogonal_correction_(state.flat, views, _local(grads), all_reduce=reduce)
+        state.finish_(rho)
+
+    def _apply_reuse(self) -> None:
+        """A reuse step's last micro-batch: g ← g + ρ·‖g‖·u on the accumulated, replica-mean gradient."""
+        state = self.reuse
+        trainable = self.trainable()
+        params, grads = gradient.params_with_grads(trainable)
+        if not grads:
+            return
+        local = _local(grads)
+        squared = gradient.squared_norm(local)
+        if any(isinstance(g, DTensor) for g in grads):
+            squared = self._all_reduce_sum(squared)
+        views = [state.view_of[id(p)] for p in params]
+        gradient.add_correction_(local, views, state.rho, squared.sqrt())
+
+    # ---- distributed helpers ----
+
+    def _world_size(self) -> int:
+        if self.accelerator is not None:
+            return int(self.accelerator.num_processes)
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._world_size() == 1:
+            return tensor
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @contextlib.contextmanager
+    def _sync(self, sharded: bool, on: bool) -> Iterator[None]:
+        """Pass 1 never all-reduces under DDP (`no_sync`); under FSDP2 both passes reduce-scatter."""
+        if sharded:
+            previous = _fsdp_gradient_sync(self.model)
+            _set_fsdp_gradient_sync(self.model, on)
+            try:
+                yield
+            finally:
+                _set_fsdp_gradient_sync(self.model, previous)
+        elif self.accelerator is not None:
+            with self.accelerator.no_sync(self.model):
+                yield
+        elif hasattr(self.model, "no_sync"):
+            with self.model.no_sync():
+                yield
+        else:
+            yield
+
+    def _average_across_replicas(self, trainable: list[torch.Tensor]) -> None:
+        """g1 ← its mean over the replicas, in one all-reduce (for `gr_sync_perturbation`).
+
+        A parameter without a gradient on this replica takes part with zeros, so all replicas reduce alike.
+        """
+        for p in trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in trainable]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self._all_reduce_sum(flat) / self._world_size()
+        chunks = torch.split(flat, [g.numel() for g in grads])
+        torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(chunks, grads)])
+
+
+class _Combination:
+    """Gradient hooks that turn each parameter's arriving g2 into g1 + α·(g2 − g1) + A, in g1's storage.
+
+    A hook runs before autograd accumulates into `.grad` and before DDP reads it, so the one all-reduce of the
+    last micro-batch carries the combined gradient. At α = 1 without diagnostics g1 is not kept (g = g2 + A).
+    """
+
+    def __init__(self, params: list[torch.Tensor], g1: list[torch.Tensor], a_of: dict[int, torch.Tensor | None],
+                 alpha: float, keep_g1: bool, measure: list[torch.Tensor] | None) -> None:  # fmt: skip
+        self.params, self.alpha, self.measure = params, alpha, measure
+        self.g1: list[torch.Tensor | None] = list(g1) if keep_g1 else [None] * len(params)
+        g1.clear()  # the caller's list must not keep g1 alive: autograd may then take a result as `.grad` itself
+        self.accumulated = [a_of.get(id(p)) for p in params]
+        self.fired = [False] * len(params)
+
+    def install(self) -> list[Any]:
+        return [p.register_hook(self._hook(i)) for i, p in enumerate(self.params)]
+
+    def _hook(self, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def combine(g2: torch.Tensor) -> torch.Tensor:
+            self.fired[i] = True
+            g1, self.g1[i] = self.g1[i], None
+            accumulated = self.accumulated[i]
+            if self.measure is not None and g1 is not None:
+                g2f = g2.detach().float()
+                self.measure.append(torch.stack([g2f.square().sum(), (g2f * g1.float()).sum()]).cpu())
+            if g1 is None:  # α = 1: g = g2 (+ A)
+                return g2 if accumulated is None else g2 + accumulated
+            return gradient.mix_(g1, g2, self.alpha, accumulated)
+
+        return combine
+
+    def finish_unfired(self) -> None:
+        """Parameters that had a g1 but got no g2 (not in pass 2's graph): g2 counts as 0."""
+        for i, p in enumerate(self.params):
+            if self.fired[i]:
+                continue
+            g1, accumulated = self.g1[i], self.accumulated[i]
+            p.grad = accumulated if g1 is None else gradient.mix_(g1, torch.zeros_like(g1), self.alpha, accumulated)
+
+
+class ReuseState:
+    """LookSAM's kept correction: u (one flat buffer with a view per trainable parameter) and ρ.
+
+    During a GR step the buffer collects the step's g1 (summed over micro-batches); after its last micro-batch it
+    becomes u = c⊥/‖c⊥‖ (`gradient.orthogonal_correction_`). Memory: one parameter-sized buffer.
+    """
+
+    def __init__(self) -> None:
+        self.flat: torch.Tensor | None = None
+        self.view_of: dict[int, torch.Tensor] = {}
+        self.rho: torch.Tensor | None = None
+        self.ready = False  # a GR step has set u and ρ
+        self.collecting = False  # inside a GR step
+        self._loaded: dict[str, Any] | None = None
+
+    def allocate(self, trainable: list[torch.Tensor]) -> None:
+        """One flat buffer for u, in the parameters' dtype (float32 if they differ), with a view per parameter."""
+        locals_ = _local(trainable)
+        dtypes = {p.dtype for p in locals_}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        self.flat = torch.zeros(sum(p.numel() for p in locals_), dtype=dtype, device=locals_[0].device)
+        self.view_of = {}
+        offset = 0
+        for p, local in zip(trainable, locals_):
+            self.view_of[id(p)] = self.flat[offset : offset + local.numel()].view_as(local)
+            offset += local.numel()
+        if self._loaded is not None:
+            self.flat.copy_(self._loaded["gr_reuse_u"])
+            self.rho = self._loaded["gr_reuse_rho"].to(self.flat.device)
+            self.ready = bool(self._loaded["gr_reuse_ready"])
+            self._loaded = None
+
+    def collect_(self, trainable: list[torch.Tensor], params: list[torch.Tensor], g1: list[torch.Tensor],
+                 first: bool) -> None:  # fmt: skip
+        """Add this micro-batch's g1 to the buffer (zeroed at a GR step's first micro-batch)."""
+        if self.flat is None or len(self.view_of) != len(trainable):
+            self.allocate(trainable)
+        if first:
+            self.flat.zero_()
+            self.ready, self.collecting = False, True
+        gradient.add_([self.view_of[id(p)] for p in params], [g.to(self.flat.dtype) for g in g1])
+
+    def finish_(self, rho: torch.Tensor) -> None:
+        self.rho, self.ready, self.collecting = rho, True, False
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.flat is None:
+            return dict(self._loaded) if self._loaded is not None else {}
+        return {"gr_reuse_u": self.flat.detach().cpu().clone(), "gr_reuse_rho": self.rho.detach().cpu().clone()
+                if self.rho is not None else torch.zeros(()), "gr_reuse_ready": self.ready}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "gr_reuse_u" not in state:
+            return
+        self._loaded = {k: state[k] for k in ("gr_reuse_u", "gr_reuse_rho", "gr_reuse_ready")}
+        if self.flat is not None and self.flat.numel() == state["gr_reuse_u"].numel():
+            self.flat.copy_(state["gr_reuse_u"])
+            self.rho = state["gr_reuse_rho"].to(self.flat.device)
+            self.ready = bool(state["gr_reuse_ready"])
+            self._loaded = None
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each rank's own shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
+def _as_grad_like(param: torch.Tensor, local: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+    """A `.grad` for a sharded parameter from its local shard (a DTensor with the parameter's placement)."""
+    if isinstance(param, DTensor):
+        return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape,
+                                  stride=param.stride(), run_check=False)  # fmt: skip
+    return local
+
+
+def _fsdp_gradient_sync(model: nn.Module) -> bool:
+    """Whether an FSDP2 model reduce-scatters its gradients in backward now."""
+    for module in model.modules():
+        state = getattr(module, "_get_fsdp_state", None)
+        if state is not None:
+            group = state()._fsdp_param_group
+            if group is not None:
+                return bool(group.reduce_grads)
+    return True
+
+
+def _set_fsdp_gradient_sync(model: nn.Module, on: bool) -> None:
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(on)
