@@ -184,7 +184,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         raise
     except ValueError as error:  # unused flags, and the checks of TrainingArguments and the GR fields
         raise InputError(str(error)) from error
-    check_args(model_args, data_args, {key: f"from {config_file}" for key in config if key not in flags})
+    check_args(model_args, data_args, {key: f"config file {config_file}" for key in config if key not in flags})
     return model_args, data_args, training_args
 
 
@@ -215,12 +215,12 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 def check_args(model_args: ModelArguments, data_args: DataArguments, origins: dict[str, str] | None = None) -> None:
     """Refuse contradictory model and data choices before anything is loaded; `origins` says which values came
-    from the config file (the others are flags)."""
+    from the config file (the others came from the command line)."""
     origins = origins or {}
 
     def given(args: Any, *keys: str) -> str:
         values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-        return " and ".join(f"--{k} {v!r} ({origins.get(k, 'a flag')})" for k, v in values.items()) or "neither"
+        return " and ".join(f"--{k} {v!r} ({origins.get(k, 'command line')})" for k, v in values.items()) or "neither"
 
     if (model_args.model_name_or_path is None) == (model_args.model_config is None):
         raise InputError(

@@ -3,31 +3,40 @@ push_to_hub intercepted at huggingface_hub, config/CLI precedence, and the clear
 
 from __future__ import annotations
 
+import configparser
 import importlib.util
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from concurrent.futures import Future
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from datasets import Dataset, Features, Image, Value
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 from PIL import Image as PILImage
 from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader
 from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, pipeline
 from transformers.models.vit import ViTImageProcessorPil
 
-from hf_gr import GRTrainer
+from hf_gr import GRTrainer, GRTrainingArguments
 
 import image_data as data
 import paper_vit as modeling
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "train.py"
+PAPER_CONFIGS = sorted((REPO / "configs" / "paper").glob("*.yaml"))
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
@@ -60,8 +69,19 @@ def _digit_image() -> PILImage.Image:
     return PILImage.fromarray(np.clip(digits.images[0] * 16, 0, 255).astype(np.uint8), mode="L")
 
 
-def _eval_accuracy(output_dir: Path) -> float:
-    return json.loads((output_dir / "all_results.json").read_text())["eval_accuracy"]
+def _run_script(*argv: str, **env: str) -> subprocess.CompletedProcess:
+    """scripts/train.py in a fresh process, offline, as a user runs it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, str(SCRIPT), *argv], env=env, capture_output=True, text=True)
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a refused run prints (warnings from imports aside), after checking it is alone."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
 
 
 # ---- end to end ----
@@ -95,28 +115,47 @@ def test_quickstart_end_to_end(tmp_path):
     assert predictions[0]["label"] in {str(i) for i in range(10)}
 
 
+def _cifar_subset(path: Path, classes: tuple[int, ...] = (0, 6), per_class: int = 32) -> Path:
+    """The first `per_class` CIFAR-10 test images of each of `classes` (airplane, frog), with the file's features."""
+    batch = pa.Table.from_batches([next(pq.ParquetFile(CIFAR / "test.parquet").iter_batches(batch_size=1000))])
+    labels = np.asarray(batch["label"])
+    rows = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes])
+    pq.write_table(batch.take(rows), str(path))
+    return path
+
+
 @pytest.mark.skipif(not CIFAR.is_dir(), reason="../shared/data/cifar10 is not available")
 def test_from_scratch_vit_on_cifar_parquet(tmp_path):
-    out = tmp_path / "cifar"
+    """A tiny from-scratch ViT memorizes 64 CIFAR-10 images of two classes; the accuracy it reports is the one
+    recomputed independently from the saved model."""
+    subset, out = _cifar_subset(tmp_path / "cifar10_airplane_frog.parquet"), tmp_path / "cifar"
     argv = [
         "--model_config", "vit-ti", "--config_overrides", TINY,
-        "--train_file", str(CIFAR / "train.parquet"), "--validation_file", str(CIFAR / "test.parquet"),
-        "--max_train_samples", "256", "--max_eval_samples", "64",
-        "--max_steps", "4", "--warmup_steps", "2", "--per_device_train_batch_size", "32",
+        "--train_file", str(subset), "--validation_file", str(subset), "--augmentation", "none",
+        "--max_steps", "40", "--warmup_steps", "2", "--learning_rate", "0.01", "--per_device_train_batch_size", "32",
         "--save_strategy", "no", "--logging_steps", "1", "--use_cpu", "true", "--output_dir", str(out),
     ]  # fmt: skip
     metrics = train.main(argv)
 
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert metrics["eval_accuracy"] > 0.75  # chance is 0.5
+    # Recomputed from the file's rows, decoded straight from their PNG bytes, the saved processor and model.
+    table = pq.read_table(subset).to_pydict()
+    images = [PILImage.open(io.BytesIO(cell["bytes"])).convert("RGB") for cell in table["img"]]
+    model = AutoModelForImageClassification.from_pretrained(out).eval()
+    pixels = ViTImageProcessorPil.from_pretrained(out)(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        predictions = model(pixel_values=pixels).logits.argmax(-1).numpy()
+    assert metrics["eval_accuracy"] == pytest.approx(float(np.mean(predictions == np.asarray(table["label"]))))
+
     config = json.loads((out / "config.json").read_text())
     assert (config["image_size"], config["patch_size"], config["hidden_size"]) == (32, 4, 32)
     assert config["hidden_dropout_prob"] == config["attention_probs_dropout_prob"] == 0.1
-    assert config["id2label"]["0"] == "airplane"
+    assert config["id2label"]["0"] == "airplane" and config["id2label"]["6"] == "frog"
     processor = json.loads((out / "preprocessor_config.json").read_text())
     assert processor["size"] == {"height": 32, "width": 32}
     assert processor["image_mean"] == data.CHANNEL_STATS["cifar10"][0]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    assert [e["gr_lambda"] for e in history if "gr_lambda" in e] == [0.0, 0.0, 0.1, 0.1]
+    assert [e["gr_lambda"] for e in history if "gr_lambda" in e] == [0.0, 0.0] + [0.1] * 38
 
 
 def _cache_tiny_vit(cache: Path, repo_id: str) -> None:
@@ -220,7 +259,34 @@ def test_config_file_then_flags(tmp_path):
     assert (model_args.model_config, args.gr_warmup_strategy) == ("vit-b", "lambda")
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs" / "paper").glob("*.yaml")), ids=lambda p: p.stem)
+def test_a_flag_replaces_the_config_files_data_and_model_source(tmp_path):
+    paper = str(REPO / "configs" / "paper" / "vit-ti_cifar10_adam.yaml")  # dataset_name + model_config
+    model_args, data_args, _ = train.parse_args([paper, "--train_file", "cifar10/train.parquet"])
+    assert (data_args.dataset_name, data_args.train_file, model_args.model_config) == (
+        None, "cifar10/train.parquet", "vit-ti"
+    )  # fmt: skip
+    model_args, _, _ = train.parse_args([paper, "--model_name_or_path", "google/vit-base-patch16-224-in21k"])
+    assert (model_args.model_config, model_args.config_overrides) == (None, None)
+
+    files = tmp_path / "files.yaml"
+    files.write_text("train_file: a.parquet\nvalidation_file: b.parquet\nmodel_name_or_path: x/y\n")
+    model_args, data_args, _ = train.parse_args([str(files), "--dataset_name=digits", "--model_config", "vit-s"])
+    assert (data_args.dataset_name, data_args.train_file, data_args.validation_file) == ("digits", None, None)
+    assert (model_args.model_config, model_args.model_name_or_path) == ("vit-s", None)
+
+
+def test_conflicting_sources_say_which_came_from_the_config_file(tmp_path):
+    both = tmp_path / "both.yaml"
+    both.write_text("dataset_name: digits\ntrain_file: a.parquet\nmodel_config: vit-ti\n")
+    in_file = r"--dataset_name 'digits' \(config file .*both\.yaml\) and --train_file 'a\.parquet' \(config file"
+    with pytest.raises(ValueError, match=in_file):
+        train.parse_args([str(both)])
+    flags = ["--dataset_name", "digits", "--train_file", "a.parquet", "--model_config", "vit-ti"]
+    with pytest.raises(ValueError, match=r"'digits' \(command line\) and --train_file 'a\.parquet' \(command line\)"):
+        train.parse_args(flags)
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
 def test_paper_configs(path):
     model_args, data_args, args = train.parse_args([str(path), "--gr_warmup_strategy", "lambda"])
     name, dataset, optimizer = path.stem.split("_")
@@ -234,6 +300,23 @@ def test_paper_configs(path):
         assert override[0] is modeling.DecoupledRMSprop and override[1]["alpha"] == 0.9
     else:
         assert override is None and args.optim == "adamw_torch"
+
+
+def test_paper_configs_need_only_the_recipe_extra_and_fit_2_cpus(monkeypatch):
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    recipe = setup["options.extras_require"]["recipe"].split()
+    installed = {requirement.split(">")[0].split("=")[0] for requirement in recipe}
+    for config in PAPER_CONFIGS:
+        _, _, args = train.parse_args([str(config)])
+        assert set(args.report_to) <= installed | {"none"}, config.name  # pip install .[recipe] brings the logger
+
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # a 2-CPU machine
+        train.cap_dataloader_workers(args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            DataLoader(range(4), num_workers=args.dataloader_num_workers).check_worker_number_rationality()
+        assert not caught, [str(w.message) for w in caught]
 
 
 def test_paper_vit_sizes_and_zero_head():
@@ -329,6 +412,50 @@ def test_bad_input_fails_clearly_before_training(case, tmp_path, no_training):
     with pytest.raises(ValueError, match=message):
         train.main([*argv, "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_parser_errors_raise_instead_of_exiting(tmp_path):
+    with pytest.raises(ValueError, match="invalid choice: 'vit-x'"):
+        train.main(["--dataset_name", "digits", "--model_config", "vit-x", "--output_dir", str(tmp_path / "out")])
+
+
+def test_argument_error_prints_one_line_and_exits_2(tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text("dataset_name: digits\nmodel_config: vit-ti\nlearning_rte: 0.1\n")
+    line = _error_line(_run_script(str(config), "--output_dir", str(tmp_path / "out")))
+    assert "learning_rte" in line and str(config) in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_model_offline_is_named_as_not_cached(tmp_path):
+    argv = ["--model_name_or_path", "hf-gr-test/no-such-vit", "--dataset_name", "digits"]
+    line = _error_line(_run_script(*argv, "--output_dir", str(tmp_path / "o"), HF_HUB_CACHE=str(tmp_path / "empty")))
+    assert "'hf-gr-test/no-such-vit' is not in the local cache" in line
+
+
+def test_help_shows_the_config_file_and_lists_model_data_and_gr_options_first(capsys):
+    with pytest.raises(SystemExit) as exited:
+        train.parse_args(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].endswith(" [config.yaml|config.json] [--flag value ...]")
+    titles = ("model", "data", "gradient regularization (GR)", "training (transformers.TrainingArguments)")
+    starts = [text.index(f"\n{title}:\n") for title in titles]
+    assert starts == sorted(starts)
+    model, data_, gr, trainer = (text[a:b] for a, b in zip(starts, [*starts[1:], len(text)]))
+    assert "--model_name_or_path" in model and "--train_file" in data_ and "--learning_rate" in trainer
+    gr_flags = [f"--{f.name} " for f in fields(GRTrainingArguments) if f.init and f.name.startswith("gr_")]
+    assert gr_flags and all(flag in gr for flag in gr_flags) and "--gr_" not in trainer
+    assert "--learning_rate" not in text[: starts[-1]]
+
+
+def test_a_resumed_run_says_where_it_picks_up(tmp_path, caplog):
+    out = tmp_path / "run"
+    argv = [QUICKSTART, *SHORT, "--do_eval", "false", "--save_strategy", "steps", "--save_steps", "2"]
+    train.main([*argv, "--max_steps", "2", "--output_dir", str(out)])
+    caplog.clear()
+    train.main([*argv, "--max_steps", "4", "--output_dir", str(out)])  # the default log level: no flag
+    assert "Resuming from checkpoint-2 (step 2 of 4)" in caplog.text
 
 
 def test_fast_path_equals_the_image_processor():
