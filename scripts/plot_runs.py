@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Plot GR runs side by side: eval error vs epoch, ‖g1‖ and the adaptive-LR variance vs step.
 
-    python scripts/plot_runs.py RUN_DIR [RUN_DIR ...] --out fig.png
+    python scripts/plot_runs.py RUN_DIR [RUN_DIR ...] [--out fig.png]
 
 Each RUN_DIR is a training output directory holding `trainer_state.json` (and, when present, the model card
-README.md that `GRTrainer` writes, whose `hf_gr` metadata names the run's GR warmup strategy). The GR
-warmup span, read from the logged `gr_lambda`/`gr_r`, is shaded per run. Turn on `--gr_diagnostics_steps N`
-in training for the last two panels.
+README.md that `GRTrainer` writes, whose `hf_gr` metadata names the run's GR warmup strategy and its length W).
+The GR warmup, steps 0 to W, is shaded per run (without a card, up to the last logged step whose λ or r is below
+its final value). Turn on `--gr_diagnostics_steps N` in training for the last two panels. The figure goes to
+`--out`, by default `runs.png` beside the first RUN_DIR.
 """
 
 from __future__ import annotations
@@ -25,32 +26,48 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_run(run_dir: str) -> dict[str, Any]:
-    """The run's log history, its label and its GR warmup span; a clear error when it is no training run."""
+    """The run's log history, its label and the end of its GR warmup; a clear error when it is no training run."""
     path = Path(run_dir) / "trainer_state.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no trainer_state.json: pass a training output directory.")
-    history = json.loads(path.read_text())["log_history"]
-    return {"label": run_label(Path(run_dir)), "history": history, "warmup_end": warmup_end(history)}
+    try:
+        history = json.loads(path.read_text())["log_history"]
+    except (ValueError, KeyError) as error:
+        raise ValueError(f"{path} is not a Trainer state ({type(error).__name__}: {error}).") from error
+    gr = card_metadata(Path(run_dir))
+    end = warmup_steps(gr) if gr else warmup_end(history)
+    return {"label": run_label(Path(run_dir), gr), "history": history, "warmup_end": end}
 
 
-def run_label(run_dir: Path) -> str:
-    """'plain' for λ = 0, else the GR warmup strategy, from the `hf_gr` block of the run's model card
-    (`GRTrainer.create_model_card`); the directory name when there is no card."""
+def card_metadata(run_dir: Path) -> dict[str, Any]:
+    """The `hf_gr` block of the run's model card (`GRTrainer.create_model_card`); empty without a card."""
     card = run_dir / "README.md"
-    if card.is_file():
-        metadata = (ModelCard.load(card).data.to_dict() or {}).get("hf_gr") or {}
-        if metadata.get("gr_lambda") == 0:
-            return f"plain ({run_dir.name})"
-        strategy = metadata.get("gr_warmup_strategy")
-        if strategy in ("lambda", "r", "zero"):
-            return f"GR, {strategy}-warmup ({run_dir.name})"
-        if strategy == "none":
-            return f"GR ({run_dir.name})"
+    if not card.is_file():
+        return {}
+    return (ModelCard.load(card).data.to_dict() or {}).get("hf_gr") or {}
+
+
+def run_label(run_dir: Path, gr: dict[str, Any]) -> str:
+    """'plain' for λ = 0, else the GR warmup strategy; the directory name when there is no card."""
+    if gr.get("gr_lambda") == 0:
+        return f"plain ({run_dir.name})"
+    strategy = gr.get("gr_warmup_strategy")
+    if strategy in ("lambda", "r", "zero"):
+        return f"GR, {strategy}-warmup ({run_dir.name})"
+    if strategy == "none":
+        return f"GR ({run_dir.name})"
     return run_dir.name
 
 
+def warmup_steps(gr: dict[str, Any]) -> int | None:
+    """W from the card, when the run relaxed GR during a warmup (None: plain training or no warmup)."""
+    if gr.get("gr_lambda") == 0 or gr.get("gr_warmup_strategy") not in ("lambda", "r", "zero"):
+        return None
+    return gr.get("gr_warmup_steps") or None
+
+
 def warmup_end(history: list[dict[str, Any]]) -> int | None:
-    """The last step whose logged λ or r is below its final value (None: no GR warmup in this run)."""
+    """Without a card: the last logged step whose λ or r is below its final value (None: no GR warmup)."""
     entries = [e for e in history if "gr_lambda" in e]
     if not entries or entries[-1]["gr_lambda"] == 0:
         return None
@@ -75,8 +92,14 @@ def eval_error(history: list[dict[str, Any]]) -> tuple[list[float], list[float]]
     return xs, ys
 
 
-def plot(runs: list[dict[str, Any]], out: str) -> None:
-    """Three panels, one line per run, each run's GR warmup span shaded in its colour."""
+NO_DATA = {
+    "eval": "no eval results: run with --eval_strategy epoch",
+    "diagnostics": "no diagnostics: run with --gr_diagnostics_steps N",
+}
+
+
+def figure(runs: list[dict[str, Any]]) -> plt.Figure:
+    """Three panels, one line per run, each run's GR warmup (steps 0 to W) shaded in its colour."""
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for i, run in enumerate(runs):
         colour = f"C{i}"
@@ -90,12 +113,23 @@ def plot(runs: list[dict[str, Any]], out: str) -> None:
                 if scale is not None:
                     ax.axvspan(0, run["warmup_end"] * scale, color=colour, alpha=0.08)
     axes[0].set(xlabel="epoch", ylabel="eval error (%)", title="Eval error")
-    axes[1].set(xlabel="step", ylabel="‖∇L‖ (gr_grad_norm)", title="Gradient norm", yscale="log")
-    axes[2].set(xlabel="step", ylabel="Var[lr / (√v̂ + ε)]", title="Adaptive-LR variance", yscale="log")
-    for ax in axes:
+    axes[1].set(xlabel="step", ylabel="‖∇L‖ (gr_grad_norm)", title="Gradient norm")
+    axes[2].set(xlabel="step", ylabel="Var[lr / (√v̂ + ε)]", title="Adaptive-LR variance")
+    for ax, kind in zip(axes, ("eval", "diagnostics", "diagnostics")):
         ax.grid(alpha=0.3)
+        if not any(len(line.get_xdata()) for line in ax.get_lines()):
+            ax.text(0.5, 0.5, NO_DATA[kind], transform=ax.transAxes, ha="center", va="center", color="0.4")
+            ax.set_yticks([])
+        elif ax is not axes[0]:
+            ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(runs: list[dict[str, Any]], out: str) -> None:
+    """Write `figure(runs)` to the PNG `out`."""
+    fig = figure(runs)
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
@@ -105,18 +139,24 @@ def _steps_per_epoch(history: list[dict[str, Any]]) -> float | None:
     return points[-1][0] / points[-1][1] if points else None
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit status 2
+        self.exit(2, f"error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", help="training output directories (with trainer_state.json)")
-    parser.add_argument("--out", default="runs.png", help="the PNG to write")
+    parser.add_argument("--out", help="the PNG to write (default: runs.png beside the first run directory)")
     args = parser.parse_args(argv)
     try:
         runs = [read_run(d) for d in args.run_dirs]
-    except FileNotFoundError as err:
+    except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    plot(runs, args.out)
-    print(f"wrote {args.out}")
+    out = args.out or str(Path(args.run_dirs[0]).resolve().parent / "runs.png")
+    plot(runs, out)
+    print(f"wrote {out}")
     return 0
 
 
