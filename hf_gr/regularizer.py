@@ -149,8 +149,10 @@ class GradientRegularizer:
         """One micro-batch of an optimizer step planned as `plan`; `run_pass` does one forward and backward."""
         if plan.kind != GR:
             loss = run_pass()
-            if plan.kind == REUSE and last_micro_batch and self.reuse.ready:
-                self._apply_reuse()
+            if plan.kind == REUSE and last_micro_batch:
+                self.reuse.restore_loaded(self.trainable())
+                if self.reuse.ready:
+                    self._apply_reuse()
             return loss
         return self._gr_micro_batch(run_pass, plan, last_micro_batch)
 
@@ -404,6 +406,11 @@ class ReuseState:
             self.rho = self._loaded["gr_reuse_rho"].to(self.flat.device)
             self.ready = bool(self._loaded["gr_reuse_ready"])
             self._loaded = None
+
+    def restore_loaded(self, trainable: list[torch.Tensor]) -> None:
+        """Install a loaded state (a resumed run) once the parameters are known."""
+        if self._loaded is not None:
+            self.allocate(trainable)
 
     def collect_(self, trainable: list[torch.Tensor], params: list[torch.Tensor], g1: list[torch.Tensor],
                  first: bool) -> None:  # fmt: skip

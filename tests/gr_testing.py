@@ -135,3 +135,13 @@ def max_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     num = torch.sqrt(sum(((a.double() - b.double()) ** 2).sum() for a, b in zip(got, want)))
     den = torch.sqrt(sum((b.double() ** 2).sum() for b in want))
     return float(num / den)
+
+
+def reference_reuse_direction(g_gr: list[torch.Tensor], g1: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+    """u and ρ written out in float64 from the definitions: c = g_GR − g1, c⊥ = c − (⟨c, g1⟩/‖g1‖²)·g1."""
+    flat_gr = torch.cat([x.double().flatten() for x in g_gr])
+    flat_g1 = torch.cat([x.double().flatten() for x in g1])
+    c = flat_gr - flat_g1
+    c_perp = c - (c @ flat_g1) / (flat_g1 @ flat_g1) * flat_g1
+    u = c_perp / c_perp.norm()
+    return list(torch.split(u, [x.numel() for x in g1])), float(c_perp.norm() / flat_g1.norm())

@@ -11,7 +11,15 @@ import torch
 
 from hf_gr import GRTrainer
 
-from gr_testing import DictDataset, TinyNet, grad_at, make_args, max_rel_err, reference_gr_grad
+from gr_testing import (
+    DictDataset,
+    TinyNet,
+    grad_at,
+    make_args,
+    max_rel_err,
+    reference_gr_grad,
+    reference_reuse_direction,
+)
 
 WORLD, BATCH, STEPS, LR, LAMBDA, R = 2, 4, 3, 0.5, 0.05, 0.1
 SCRIPT = Path(__file__).parent / "distributed" / "ddp_gr_runs.py"
@@ -35,17 +43,33 @@ def ddp_results(tmp_path_factory):
     return torch.load(out)
 
 
-def _reference(accumulation: int, sync_perturbation: bool, zero_rank: int | None = None) -> list[torch.Tensor]:
+def _reference(
+    accumulation: int,
+    sync_perturbation: bool,
+    zero_rank: int | None = None,
+    kinds: list[str] | None = None,
+    skipped: tuple[int, ...] = (),
+) -> list[torch.Tensor]:
     """One process replaying the shards: rank r reads batches r, r + 2, ...; SGD on the replica-mean update.
 
-    `zero_rank`: that rank's loss is 0·L, so it contributes a zero gradient.
+    `zero_rank`: that rank's loss is 0·L, so it contributes a zero gradient. `kinds`: each step's kind ("gr",
+    "plain" or "reuse", LookSAM's u and ρ from the replica-mean g1 and g_GR); `skipped`: steps that do not update.
     """
     model, data = TinyNet(), DictDataset(48)
-    for step in range(STEPS):
-        update = None
+    batches_per_epoch = len(data) // BATCH
+    kinds = kinds or ["gr"] * STEPS
+    u, rho = None, 0.0
+    for step, kind in enumerate(kinds):
+        update, plain_sum = None, None
         for j in range(accumulation):
             micro = step * accumulation + j
-            batches = [data.batch((micro * WORLD + r) * BATCH, BATCH) for r in range(WORLD)]
+            batches = [data.batch(((micro * WORLD + r) % batches_per_epoch) * BATCH, BATCH) for r in range(WORLD)]
+            if kind != "gr":
+                params = {n: p.detach() for n, p in model.named_parameters()}
+                grads = [[x / (WORLD * accumulation) for x in grad_at(model, params, b)] for b in batches]
+                for g in grads:
+                    update = g if update is None else [a + b for a, b in zip(update, g)]
+                continue
             override = None
             if sync_perturbation:
                 params = {n: p.detach() for n, p in model.named_parameters()}
@@ -56,10 +80,20 @@ def _reference(accumulation: int, sync_perturbation: bool, zero_rank: int | None
                 if rank == zero_rank:
                     g = [torch.zeros_like(x) for x in g]
                 scaled = [x / (WORLD * accumulation) for x in g]
-                update = scaled if update is None else [u + x for u, x in zip(update, scaled)]
+                update = scaled if update is None else [a + x for a, x in zip(update, scaled)]
+                params = {n: p.detach() for n, p in model.named_parameters()}
+                g1 = [x / (WORLD * accumulation) for x in grad_at(model, params, b)]
+                plain_sum = g1 if plain_sum is None else [a + x for a, x in zip(plain_sum, g1)]
+        if kind == "gr" and plain_sum is not None:
+            u, rho = reference_reuse_direction(update, plain_sum)
+        if kind == "reuse" and u is not None:
+            norm = torch.sqrt(sum((x.double() ** 2).sum() for x in update))
+            update = [x + (rho * norm * d.view_as(x)).to(x.dtype) for x, d in zip(update, u)]
+        if step in skipped:
+            continue
         with torch.no_grad():
-            for p, u in zip(model.parameters(), update):
-                p -= LR * u
+            for p, x in zip(model.parameters(), update):
+                p -= LR * x
     return [p.detach() for p in model.parameters()]
 
 
@@ -98,6 +132,30 @@ def test_gr_step_costs_the_gradient_all_reduces_of_a_plain_step(ddp_results):
     assert ddp_results["gr_ga1"]["collectives"] == plain
     assert ddp_results["gr_ga2"]["collectives"] == plain  # the non-final micro-batch stays local
     assert ddp_results["gr_sync"]["collectives"] == [(1, 2)] * STEPS  # exactly one more: the g1 average
+
+
+def _kinds(pairs) -> list[str]:
+    return ["gr" if g else "reuse" if r else "plain" for g, r in pairs]
+
+
+@pytest.mark.parametrize("run, accumulation", [("gr_p05", 1), ("gr_reuse", 1), ("gr_reuse_ga2", 2)])
+def test_cheaper_modes_take_the_same_steps_on_every_replica_and_match_the_reference(ddp_results, run, accumulation):
+    result = ddp_results[run]
+    rank0, rank1 = (_kinds(k) for k in result["kinds_per_rank"])
+    assert rank0 == rank1 and len(rank0) == 6  # the draw is the same on both replicas
+    assert "gr" in rank0 and set(rank0) - {"gr"}  # a mix of GR steps and cheaper ones
+    assert max_rel_err(result["params"], _reference(accumulation, False, kinds=rank0)) < 1e-5
+    # all-reduces per step: a GR step with reuse adds one (the replica-mean g1 for u); reuse steps add none
+    plain = (1, 1)
+    for kind, counts in zip(rank0, result["collectives"]):
+        assert counts == ((1, 2) if kind == "gr" and "reuse" in run else plain), (kind, counts)
+
+
+def test_a_non_finite_gradient_on_one_replica_skips_the_step_on_both(ddp_results):
+    result = ddp_results["gr_inf_on_rank1"]
+    assert result["collectives"] == [(1, 1)] * STEPS  # no hang, no extra collective
+    assert result["scale"] == 512.0 and result["scheduler_steps"] == STEPS - 1  # one skip: scale halved, LR held
+    assert max_rel_err(result["params"], _reference(1, False, skipped=(1,))) < 1e-6
 
 
 def test_exact_method_refused_with_several_processes(ddp_results):

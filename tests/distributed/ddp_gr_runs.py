@@ -23,7 +23,39 @@ RUNS = {
     # rank 1's loss is 0·L: its ‖g1‖ = 0 (no direction), rank 0 runs GR; both must still run pass 2 together
     "gr_zero_on_rank1": dict(gradient_accumulation_steps=1, compute_loss_func="zero_on_rank1"),
     "gr_diagnostics": dict(gradient_accumulation_steps=1, gr_diagnostics_steps=1, logging_steps=1),
+    # the cheaper modes: both replicas must take the same GR steps; reuse steps communicate like plain steps
+    "gr_p05": dict(
+        gradient_accumulation_steps=1, gr_probability=0.5, max_steps=6, logging_strategy="steps", logging_steps=1
+    ),
+    "gr_reuse": dict(
+        gradient_accumulation_steps=1,
+        gr_interval=3,
+        gr_reuse=True,
+        max_steps=6,
+        logging_strategy="steps",
+        logging_steps=1,
+    ),
+    "gr_reuse_ga2": dict(
+        gradient_accumulation_steps=2,
+        gr_interval=3,
+        gr_reuse=True,
+        max_steps=6,
+        logging_strategy="steps",
+        logging_steps=1,
+    ),
+    # rank 1's loss is inf at step 1: the fp16 scaler (attached to the Trainer's own loop) skips it on both ranks
+    "gr_inf_on_rank1": dict(gradient_accumulation_steps=1, compute_loss_func="inf_on_rank1_step1", scaler=True),
 }
+
+
+CALLS = {"n": 0}
+
+
+def inf_on_rank1_step1(outputs, labels, num_items_in_batch=None):
+    """Both passes of step 1 (micro-batch calls 3 and 4: two passes per GR step) are inf on rank 1."""
+    CALLS["n"] += 1
+    loss = torch.nn.functional.cross_entropy(outputs["logits"], labels, reduction="sum") / num_items_in_batch
+    return loss * float("inf") if dist.get_rank() == 1 and CALLS["n"] in (3, 4) else loss
 
 
 def zero_on_rank1(outputs, labels, num_items_in_batch=None):
@@ -59,11 +91,17 @@ class CountCollectives(TrainerCallback):
         self.per_step.append((self.ddp, self.other))
 
 
+LOSS_FUNCS = {"zero_on_rank1": zero_on_rank1, "inf_on_rank1_step1": inf_on_rank1_step1}
+
+
 def run(name: str, overrides: dict, tmp: str) -> dict:
-    loss_func = zero_on_rank1 if overrides.pop("compute_loss_func", None) else None
+    loss_func = LOSS_FUNCS.get(overrides.pop("compute_loss_func", None))
+    scaler = overrides.pop("scaler", False)
     overrides.setdefault("logging_strategy", "no")
+    overrides.setdefault("max_steps", 3)
+    CALLS["n"] = 0
     args = make_args(
-        _Path(tmp), output_dir=os.path.join(tmp, name), max_steps=3, per_device_train_batch_size=4, optim="sgd",
+        _Path(tmp), output_dir=os.path.join(tmp, name), per_device_train_batch_size=4, optim="sgd",
         learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
         gr_lambda=overrides.pop("gr_lambda", 0.05), gr_r=0.1, **overrides,
     )  # fmt: skip
@@ -71,15 +109,25 @@ def run(name: str, overrides: dict, tmp: str) -> dict:
     trainer = SequentialGRTrainer(model=model, args=args, train_dataset=DictDataset(48), compute_loss_func=loss_func)
     counter = CountCollectives(trainer)
     trainer.add_callback(counter)
+    if scaler:  # accelerate makes no GradScaler on CPU; torch's CPU one drives the same scale/unscale/skip path
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     all_reduce = dist.all_reduce
     try:
         trainer.train()
     finally:
         dist.all_reduce = all_reduce
+    kinds = [
+        (e["gr_step_fraction"], e["gr_reuse_fraction"]) for e in trainer.state.log_history if "gr_step_fraction" in e
+    ]
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, kinds)
     return {
         "params": [p.detach().clone() for p in model.parameters()],
         "collectives": counter.per_step,
         "log_history": trainer.state.log_history,
+        "kinds_per_rank": every_rank,
+        "scheduler_steps": trainer.lr_scheduler.last_epoch,
+        "scale": trainer.accelerator.scaler.get_scale() if scaler else None,
     }
 
 
