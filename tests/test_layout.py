@@ -1,0 +1,149 @@
+"""What the library's layout promises: no host sync in a GR step, the Trainer internals it uses still exist, one
+place for each fact, and the checkpoint workaround only where transformers' key renaming bites."""
+
+import contextlib
+import re
+from dataclasses import fields
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+from hf_gr import GRArguments, GRTrainer, checkpoint
+from hf_gr.trainer import TRAINER_INTERNALS
+
+from gr_testing import DictDataset, TinyNet, make_args, params_of
+
+HOST_SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def count_host_syncs():
+    """Counts the Tensor methods that read a value back to the host (each blocks until the device is done)."""
+    counts = {"n": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_SYNCS}
+
+    def counting(name):
+        original = originals[name]
+
+        def wrapper(self, *args, **kwargs):
+            counts["n"] += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in HOST_SYNCS:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(gr_lambda=0.05), dict(gr_lambda=0.1), dict(gr_lambda=0.05, gradient_accumulation_steps=2),
+     dict(gr_lambda=0.1, gr_interval=2, gr_reuse=True)],
+    ids=["alpha0.5", "alpha1", "accumulation", "reuse"],
+)  # fmt: skip
+def test_a_gr_step_reads_nothing_back_to_the_host(tmp_path, overrides):
+    model = TinyNet(dropout=0.1)
+    data = DictDataset(32)
+    trainer = GRTrainer(model=model, args=make_args(tmp_path, **overrides))
+    trainer.current_gradient_accumulation_steps = overrides.get("gradient_accumulation_steps", 1)
+    trainer.training_step(model, data.batch(0, 8))  # warm-up (lazy allocations)
+    with count_host_syncs() as gr:
+        for step in range(2):  # with reuse: a GR step (t = 0) and a reuse step (t = 1)
+            trainer.state.global_step = step
+            trainer._gr_plan = None
+            trainer.training_step(model, data.batch(8, 8))
+    plain_model = TinyNet(dropout=0.1)
+    plain = Trainer(model=plain_model, args=make_args(tmp_path))
+    plain.current_gradient_accumulation_steps = 1
+    with count_host_syncs() as stock:
+        plain.training_step(plain_model, data.batch(8, 8))
+    assert stock["n"] == 0  # the stock step syncs nothing on this model, so any count below is GR's own
+    assert gr["n"] == 0
+
+
+def test_the_counter_sees_a_host_sync():
+    with count_host_syncs() as counts:
+        torch.ones(2).sum().item()
+    assert counts["n"] == 1  # the test above can fail
+
+
+def test_trainer_internals_gr_relies_on_still_exist(tmp_path):
+    """GR reads these directly (no getattr default): a rename in transformers fails here, not silently."""
+    trainer = GRTrainer(model=TinyNet(), args=make_args(tmp_path, max_steps=1), train_dataset=DictDataset(16))
+    trainer.train()  # `current_gradient_accumulation_steps` is set by the training loop
+    for name in TRAINER_INTERNALS:
+        assert hasattr(trainer, name), name
+        if name.startswith("_"):
+            assert callable(getattr(Trainer, name)), name
+
+
+def test_argument_help_equals_the_docstring():
+    """One place for each fact: the help of every GR field is the text under its name in the docstring."""
+    doc = " ".join(GRArguments.__doc__.split())
+    for f in fields(GRArguments):
+        entry = re.search(rf"{f.name} \(`[^`]*`(?:, [^)]*)?\): (.*?)(?= gr_\w+ \(`|$)", doc)
+        assert entry, f.name
+        assert " ".join(f.metadata["help"].split()) == entry.group(1).strip(), f.name
+
+
+def _tiny_vit():
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, num_labels=3)  # fmt: skip
+    return ViTForImageClassification(config)
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def test_renamed_checkpoint_keys_are_loaded_into_the_existing_model(tmp_path, monkeypatch):
+    saved = _tiny_vit()
+    with torch.no_grad():
+        for p in saved.parameters():
+            p.add_(1.0)
+    saved.save_pretrained(tmp_path)
+    target = _tiny_vit()
+    files = checkpoint.checkpoint_files(str(tmp_path))
+    assert checkpoint.skipped_keys(target, files)  # the bug: the stock loader would skip these
+    # no second model is built on the way
+    monkeypatch.setattr(ViTForImageClassification, "from_pretrained", lambda *a, **k: pytest.fail("second model"))
+    assert checkpoint.load_renamed_weights(target, str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(params_of(target), params_of(saved)))
+
+
+def test_checkpoints_the_stock_loader_reads_whole_take_the_stock_path(tmp_path):
+    saved = _tiny_llama()
+    saved.save_pretrained(tmp_path)
+    target = _tiny_llama()
+    assert not checkpoint.skipped_keys(target, checkpoint.checkpoint_files(str(tmp_path)))
+    assert not checkpoint.load_renamed_weights(target, str(tmp_path))  # nothing done: the stock loader runs
+    assert not checkpoint.load_renamed_weights(TinyNet(), str(tmp_path))  # not a PreTrainedModel
+
+
+def test_stock_trainer_drops_renamed_vit_weights(tmp_path):
+    """The upstream bug itself (transformers#43701): if this starts passing, the workaround can go."""
+    saved = _tiny_vit()
+    with torch.no_grad():
+        for p in saved.parameters():
+            p.add_(1.0)
+    saved.save_pretrained(tmp_path)
+    target = _tiny_vit()
+    trainer = Trainer(model=target, args=make_args(tmp_path))
+    trainer._load_from_checkpoint(str(tmp_path))
+    assert not all(torch.equal(a, b) for a, b in zip(params_of(target), params_of(saved)))
