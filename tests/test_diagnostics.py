@@ -3,6 +3,7 @@
 import gc
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -52,18 +53,79 @@ def test_logged_gradient_diagnostics_match_independent_computation(tmp_path):
     assert entry["gr_perturbed_grad_norm"] == pytest.approx(n2, rel=1e-5)
     assert entry["gr_cosine"] == pytest.approx(cosine, rel=1e-5)
 
-    # Adam's adaptive learning rate recomputed from the optimizer state after the last update.
-    rates = []
-    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]
-            v_hat = state["exp_avg_sq"].double() / (1 - group["betas"][1] ** float(state["step"]))
-            rates.append((1e-2 / (v_hat.sqrt() + group["eps"])).flatten())
-    rates = torch.cat(rates)
-    assert entry["adaptive_lr_mean"] == pytest.approx(float(rates.mean()), rel=1e-9)
-    assert entry["adaptive_lr_var"] == pytest.approx(float(rates.var(unbiased=False)), rel=1e-6)
-    assert entry["adaptive_lr_max"] == pytest.approx(float(rates.max()), rel=1e-12)
+
+class RecordAppliedGradients(TrainerCallback):
+    """The gradients each optimizer step receives (after clipping), for an Adam recurrence written out here."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.steps.append([p.grad.detach().double().clone() for p in model.parameters()])
+
+
+def _stats_from_rates(rates: np.ndarray, root: np.ndarray, eps: float) -> dict[str, float]:
+    active = root > 10 * eps
+    log_psi = -np.log(root[active] + eps)
+    return {
+        "adaptive_lr_mean": rates.mean(), "adaptive_lr_var": rates.var(), "adaptive_lr_max": rates.max(),
+        "adaptive_lr_log_var": log_psi.var(), "adaptive_lr_inactive_fraction": 1 - active.mean(),
+    }  # fmt: skip
+
+
+def test_adaptive_lr_statistics_against_an_adam_recurrence(tmp_path):
+    """The optimizer state is not read here: v̂ follows from the gradients AdamW received, by Adam's recurrence."""
+    data = DictDataset(64)
+    data.x[:, 0] = 0.0  # fc1's first input column never gets a gradient: inactive coordinates with state
+    recorder = RecordAppliedGradients()
+    lr, beta2, eps, steps = 1e-2, 0.999, 1e-8, 4
+    args = make_args(
+        tmp_path, max_steps=steps, gr_diagnostics_steps=steps, logging_steps=100, optim="adamw_torch",
+        learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.3, max_grad_norm=0.5, gr_lambda=0.05,
+    )  # fmt: skip
+    trainer = SequentialGRTrainer(model=TinyNet(), args=args, train_dataset=data, callbacks=[recorder])
+    trainer.train()
+    (entry,) = [e for e in trainer.state.log_history if "adaptive_lr_log_var" in e]
+
+    v = [np.zeros(g.shape) for g in recorder.steps[0]]
+    for grads in recorder.steps:
+        v = [beta2 * a + (1 - beta2) * g.numpy() ** 2 for a, g in zip(v, grads)]
+    root = np.sqrt(np.concatenate([a.ravel() for a in v]) / (1 - beta2**steps))
+    want = _stats_from_rates(lr / (root + eps), root, eps)
+    assert want["adaptive_lr_inactive_fraction"] == pytest.approx(16 / 163)  # fc1.weight[:, 0]: 16 of 163
+    for key, value in want.items():
+        assert entry[key] == pytest.approx(float(value), rel=1e-6), key
+
+
+def test_centered_rmsprop_and_amsgrad_statistics():
+    grads = [torch.tensor([0.5, 1.0, -2.0, 0.0]), torch.tensor([0.25, -1.0, 1.0, 0.0])]
+    p = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.RMSprop([p], lr=0.01, alpha=0.9, eps=1e-8, centered=True)
+    v, mean = np.zeros(4), np.zeros(4)
+    for g in grads:
+        p.grad = g.clone()
+        optimizer.step()
+        v = 0.9 * v + 0.1 * g.double().numpy() ** 2
+        mean = 0.9 * mean + 0.1 * g.double().numpy()
+    root = np.sqrt(v - mean**2)
+    want = _stats_from_rates(0.01 / (root + 1e-8), root, 1e-8)
+    stats = adaptive_lr_stats(optimizer)
+    assert set(stats) == set(want)
+    for key, value in want.items():  # float32 state against a float64 recurrence
+        assert stats[key] == pytest.approx(float(value), rel=1e-6), key
+
+    q = torch.nn.Parameter(torch.ones(4))
+    adam = torch.optim.Adam([q], lr=0.01, betas=(0.9, 0.999), eps=1e-8, amsgrad=True)
+    v, v_max = np.zeros(4), np.zeros(4)
+    for g in reversed(grads):  # the larger gradient first, so the running max differs from v
+        q.grad = g.clone()
+        adam.step()
+        v = 0.999 * v + 0.001 * g.double().numpy() ** 2
+        v_max = np.maximum(v_max, v)
+    root = np.sqrt(v_max / (1 - 0.999**2))
+    want = _stats_from_rates(0.01 / (root + 1e-8), root, 1e-8)
+    for key, value in want.items():
+        assert adaptive_lr_stats(adam)[key] == pytest.approx(float(value), rel=1e-6), key
 
 
 def test_rmsprop_statistics():

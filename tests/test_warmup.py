@@ -110,7 +110,7 @@ def _images(n: int = 48) -> list[dict]:
     return [{"pixel_values": p, "labels": y} for p, y in zip(pixels, labels)]
 
 
-@pytest.mark.parametrize("strategy", ["lambda", "zero"])
+@pytest.mark.parametrize("strategy", ["lambda", "r", "zero"])
 def test_resume_inside_warmup_is_bit_identical(tmp_path, strategy):
     def run(output_dir, resume=None):
         args = make_args(
