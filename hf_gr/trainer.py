@@ -98,11 +98,11 @@ class GRMixin:
                 "`fsdp_version: 2` in the accelerate config (configs/accelerate/fsdp2.yaml) or "
                 "fsdp_config={'fsdp_version': 2}."
             )
-        if self.is_distributed_loading_by_transformers:
+        if self.is_distributed_loading_by_transformers and not _is_fsdp_only(self.model):
             raise ValueError(
-                "GR does not support models sharded or tensor-parallel at load time (`tp_plan`/`device_mesh`): "
-                "their gradients are reduced outside the Trainer's `no_sync`. Load the model whole and use DDP or "
-                "FSDP2 through accelerate."
+                "GR does not support models sharded or tensor-parallel at load time (`tp_plan`/`device_mesh`) "
+                "other than plain FSDP2 (`DistributedConfig(fsdp_size=...)` alone): their gradients are reduced "
+                "outside the Trainer's `no_sync`. Load the model whole and use DDP or FSDP2."
             )
         optim = optimizer_name(self.args)
         if optim in ("lomo", "adalomo") or optim.endswith("layerwise"):
@@ -379,6 +379,15 @@ def _from_scratch_card(model: nn.Module, finetuned_from: str | None) -> Iterator
         yield
     finally:
         config._name_or_path = ""
+
+
+def _is_fsdp_only(model: nn.Module) -> bool:
+    """Whether a model distributed at load time (`from_pretrained(distributed_config=...)`) is only FSDP2-sharded."""
+    config = getattr(getattr(model, "config", None), "distributed_config", None)
+    if config is None:
+        return False
+    others = ("tp_size", "pp_size", "ep_size", "dp_replicate_size")
+    return all(getattr(config, name, 1) in (None, 1) for name in others) and getattr(config, "fsdp_size", 1) > 1
 
 
 def _gr_state_name(process_index: int, world_size: int) -> str:

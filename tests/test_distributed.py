@@ -181,10 +181,29 @@ def test_unsupported_distributed_modes_are_refused_at_start_up(tmp_path, monkeyp
 
 @pytest.mark.parametrize(
     "name, kind, processes, machines",
-    [("single_gpu", "NO", 1, 1), ("multi_gpu", "MULTI_GPU", 4, 1), ("multi_node", "MULTI_GPU", 16, 2)],
+    [
+        ("single_gpu", "NO", 1, 1),
+        ("multi_gpu", "MULTI_GPU", 4, 1),
+        ("multi_node", "MULTI_GPU", 16, 2),
+        ("fsdp2", "FSDP", 8, 1),
+    ],
 )
 def test_accelerate_launch_configs_parse(name, kind, processes, machines):
     from accelerate.commands.config.config_args import load_config_from_file
 
     config = load_config_from_file(str(Path(__file__).parents[1] / "configs" / "accelerate" / f"{name}.yaml"))
     assert (config.distributed_type.name, config.num_processes, config.num_machines) == (kind, processes, machines)
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2
+
+
+def test_fsdp2_through_accelerate_is_accepted(tmp_path, monkeypatch):
+    original = GRTrainer.create_accelerator_and_postprocess
+
+    def pretend(self):
+        original(self)
+        self.is_fsdp_enabled = True
+        monkeypatch.setattr(type(self.accelerator), "is_fsdp2", property(lambda _: True))
+
+    monkeypatch.setattr(GRTrainer, "create_accelerator_and_postprocess", pretend)
+    GRTrainer(model=TinyNet(), args=make_args(tmp_path))  # no error: the FSDP2 step is supported

@@ -1,0 +1,165 @@
+"""GR under FSDP2 over real processes (torchrun, gloo): against single-process references, with collectives counted."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_distributed import _free_port
+from torch.func import functional_call
+
+from gr_testing import max_rel_err
+
+WORLD, BATCH, STEPS, LR, R = 2, 4, 3, 0.5, 0.1
+SCRIPT = Path(__file__).parent / "distributed" / "fsdp2_gr_runs.py"
+sys.path.insert(0, str(SCRIPT.parent))
+from fsdp2_gr_runs import TinyMLP, TokenRows, mlp_data  # noqa: E402
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp2")
+    llama = tmp / "llama"
+    _tiny_llama().save_pretrained(llama)
+    out = tmp / "results.pt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), str(out), str(llama), str(tmp)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out, weights_only=False), llama
+
+
+def _gr_grad(model, params: dict, loss_fn, alpha: float) -> list[torch.Tensor]:
+    """(1 − α)·g1 + α·g2 with ε = r·g1/‖g1‖ on the full global batch (what FSDP2's reduce-scattered g1 is)."""
+
+    def grad(at):
+        leaves = {n: p.detach().clone().requires_grad_(True) for n, p in at.items()}
+        return list(torch.autograd.grad(loss_fn(lambda **kw: functional_call(model, leaves, args=(), kwargs=kw)),
+                                        list(leaves.values())))  # fmt: skip
+
+    g1 = grad(params)
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in g1))
+    g2 = grad({n: p + (R / norm).to(p.dtype) * g for (n, p), g in zip(params.items(), g1)})
+    return [(1 - alpha) * a + alpha * b for a, b in zip(g1, g2)]
+
+
+def _mlp_reference(accumulation: int, alpha: float, kind: str = "gr") -> dict:
+    model = TinyMLP()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = mlp_data(STEPS * accumulation)
+    for step in range(STEPS):
+        update = None
+        for j in range(accumulation):
+            micro = step * accumulation + j
+
+            def loss_fn(forward, micro=micro):
+                return F.mse_loss(forward(x=x[micro]), y[micro]) / accumulation
+
+            g = _gr_grad(model, params, loss_fn, alpha if kind == "gr" else 0.0)
+            update = g if update is None else [a + b for a, b in zip(update, g)]
+        params = {n: p - LR * u for (n, p), u in zip(params.items(), update)}
+    return params
+
+
+def _err(got: dict, want: dict) -> float:
+    return max_rel_err([got[n] for n in want], list(want.values()))
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_fsdp_gr_matches_the_full_batch_reference(fsdp_results, accumulation, alpha):
+    results, _ = fsdp_results
+    run = results[f"gr_ga{accumulation}_a{alpha}"]
+    assert _err(run["params"], _mlp_reference(accumulation, alpha)) < 1e-6
+    assert _err(run["params"], _mlp_reference(accumulation, alpha, kind="plain")) > 1e-3  # GR did something
+
+
+def test_fsdp_plain_matches_the_plain_reference(fsdp_results):
+    results, _ = fsdp_results
+    assert _err(results["plain_ga2"]["params"], _mlp_reference(2, 0.0, kind="plain")) < 1e-6
+
+
+def test_fsdp_uneven_and_empty_shards_restored_bit_exactly_on_every_rank(fsdp_results):
+    results, _ = fsdp_results
+    assert results["empty_shard_on_rank1"] is True  # head.weight has one row: rank 1's shard is empty
+    for per_rank in results["restored_per_rank"]:
+        assert all(ok for name, ok in per_rank.items() if ok is not None), per_rank
+
+
+def test_fsdp_collectives_against_plain_fsdp(fsdp_results):
+    """Per optimizer step: GR doubles the all-gathers, reduce-scatters every micro-batch twice (plain FSDP2 with
+    accumulation reduce-scatters only on the last), and adds one scalar all-reduce per GR micro-batch."""
+    results, _ = fsdp_results
+    groups = 4  # fc1, fc2, head and the root
+    for accumulation in (1, 2):
+        plain = results[f"plain_ga{accumulation}"]["counts"][1:]  # step 0 includes FSDP's lazy initialization
+        gr = results[f"gr_ga{accumulation}_a0.5"]["counts"][1:]
+        for p, g in zip(plain, gr):
+            assert p.get("reduce_scatter_single") == groups
+            assert g.get("reduce_scatter_single") == 2 * groups * accumulation
+            assert g.get("all_gather_single") == 2 * p.get("all_gather_single")
+            assert g.get("all_reduce", 0) - p.get("all_reduce", 0) == accumulation
+
+
+def test_fsdp_bf16_mixed_precision(fsdp_results):
+    results, _ = fsdp_results
+    gr, plain = results["gr_mixed"], results["plain_mixed"]
+    assert all(t.dtype == torch.float32 for t in gr["params"].values())  # sharded parameters stay float32
+    want = _mlp_reference(1, 1.0)
+    assert _err(gr["params"], want) < 2e-2  # bf16 compute
+    assert _err(gr["params"], want) < _err(plain["params"], want) / 3  # and closer to GR than plain training is
+
+
+def _llama_reference(path, accumulation: int, gr_lambda: float) -> dict:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = TokenRows()
+    per_micro = WORLD * 2  # two rows per device and micro-batch
+    for step in range(2):
+        update = None
+        for j in range(accumulation):
+            micro = step * accumulation + j
+            ids = torch.stack([rows[i]["input_ids"] for i in range(micro * per_micro, (micro + 1) * per_micro)])
+
+            def loss_fn(forward, ids=ids):
+                return forward(input_ids=ids, labels=ids).loss / accumulation
+
+            g = _gr_grad(model, params, loss_fn, gr_lambda / R)
+            update = g if update is None else [a + b for a, b in zip(update, g)]
+        params = {n: p - LR * u for (n, p), u in zip(params.items(), update)}
+    return params
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_grtrainer_under_fsdp2_matches_the_reference(fsdp_results, accumulation):
+    """GRTrainer on the FSDP2 route transformers runs on CPU: `from_pretrained(distributed_config=...)`."""
+    results, llama = fsdp_results
+    run = results[f"trainer_gr_ga{accumulation}"]
+    assert run["is_fsdp_managed"].startswith("FSDP")
+    assert run["kinds"] == [1.0, 1.0]
+    assert _err(run["params"], _llama_reference(llama, accumulation, 0.05)) < 1e-5
+    assert _err(results["trainer_plain"]["params"], _llama_reference(llama, 1, 0.0)) < 1e-5
+    assert "model.safetensors" in run["saved"]  # save_model gathers the full weights
+
+
+def test_grtrainer_under_fsdp2_collectives(fsdp_results):
+    results, _ = fsdp_results
+    plain, gr = results["trainer_plain"]["counts"], results["trainer_gr_ga1"]["counts"]
+    assert gr["reduce_scatter_single"] == 2 * plain["reduce_scatter_single"]
+    assert gr["all_gather_single"] == 2 * plain["all_gather_single"]
+    assert gr.get("all_reduce", 0) - plain.get("all_reduce", 0) == 2  # one scalar all-reduce per GR micro-batch
