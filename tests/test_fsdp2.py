@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from test_distributed import _free_port
 from torch.func import functional_call
 
-from gr_testing import max_rel_err
+from gr_testing import max_rel_err, reference_reuse_direction
 
 WORLD, BATCH, STEPS, LR, R = 2, 4, 3, 0.5, 0.1
 SCRIPT = Path(__file__).parent / "distributed" / "fsdp2_gr_runs.py"
@@ -56,21 +56,31 @@ def _gr_grad(model, params: dict, loss_fn, alpha: float) -> list[torch.Tensor]:
     return [(1 - alpha) * a + alpha * b for a, b in zip(g1, g2)]
 
 
-def _mlp_reference(accumulation: int, alpha: float, kind: str = "gr") -> dict:
+def _mlp_reference(accumulation: int, alpha: float, kind: str = "gr", kinds: tuple = ()) -> dict:
+    """SGD on the full global micro-batches; `kinds` per step, reuse steps with LookSAM's u and ρ (full batch)."""
     model = TinyMLP()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     x, y = mlp_data(STEPS * accumulation)
+    u, rho = None, 0.0
     for step in range(STEPS):
-        update = None
+        step_kind = kinds[step] if kinds else kind
+        update, plain = None, None
         for j in range(accumulation):
             micro = step * accumulation + j
 
             def loss_fn(forward, micro=micro):
                 return F.mse_loss(forward(x=x[micro]), y[micro]) / accumulation
 
-            g = _gr_grad(model, params, loss_fn, alpha if kind == "gr" else 0.0)
+            g = _gr_grad(model, params, loss_fn, alpha if step_kind == "gr" else 0.0)
+            g1 = _gr_grad(model, params, loss_fn, 0.0)
             update = g if update is None else [a + b for a, b in zip(update, g)]
-        params = {n: p - LR * u for (n, p), u in zip(params.items(), update)}
+            plain = g1 if plain is None else [a + b for a, b in zip(plain, g1)]
+        if step_kind == "gr":
+            u, rho = reference_reuse_direction(update, plain)
+        elif step_kind == "reuse":
+            norm = torch.sqrt(sum((v.double() ** 2).sum() for v in update))
+            update = [v + (rho * norm * d.view_as(v)).to(v.dtype) for v, d in zip(update, u)]
+        params = {n: p - LR * v for (n, p), v in zip(params.items(), update)}
     return params
 
 
@@ -85,6 +95,13 @@ def test_fsdp_gr_matches_the_full_batch_reference(fsdp_results, accumulation, al
     run = results[f"gr_ga{accumulation}_a{alpha}"]
     assert _err(run["params"], _mlp_reference(accumulation, alpha)) < 1e-6
     assert _err(run["params"], _mlp_reference(accumulation, alpha, kind="plain")) > 1e-3  # GR did something
+
+
+def test_fsdp_reuse_matches_the_reference(fsdp_results):
+    results, _ = fsdp_results
+    want = _mlp_reference(2, 1.0, kinds=("gr", "reuse", "reuse"))
+    assert _err(results["gr_reuse_ga2"]["params"], want) < 1e-6
+    assert _err(results["gr_reuse_ga2"]["params"], _mlp_reference(2, 1.0, kinds=("gr", "plain", "plain"))) > 1e-4
 
 
 def test_fsdp_plain_matches_the_plain_reference(fsdp_results):

@@ -65,19 +65,22 @@ def local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local()
 
 
-def run_mlp(accumulation: int, alpha: float, kind: str = "gr", mixed: bool = False) -> dict:
+def run_mlp(accumulation: int, alpha: float, kind: str = "gr", mixed: bool = False, kinds: tuple = ()) -> dict:
     rank = dist.get_rank()
     model = TinyMLP()
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else None
     for module in (model.fc1, model.fc2, model.head):
         fully_shard(module, **({"mp_policy": policy} if mixed else {}))
     fully_shard(model, **({"mp_policy": policy} if mixed else {}))
-    regularizer = GradientRegularizer(model, args=GRArguments(gr_lambda=alpha * R, gr_r=R, gr_warmup_strategy="none"))
+    reuse = "reuse" in kinds
+    arguments = GRArguments(gr_lambda=alpha * R, gr_r=R, gr_warmup_strategy="none", gr_reuse=reuse)
+    regularizer = GradientRegularizer(model, args=arguments)
     x, y = mlp_data(STEPS * accumulation)
     restored, counts = True, []
     for step in range(STEPS):
         COUNTS.clear()
-        plan = StepPlan(kind, alpha * R if kind == "gr" else 0.0, R)
+        step_kind = kinds[step] if kinds else kind
+        plan = StepPlan(step_kind, alpha * R if step_kind == "gr" else 0.0, R)
         regularizer.start_step()
         for j in range(accumulation):
             micro = step * accumulation + j
@@ -90,7 +93,7 @@ def run_mlp(accumulation: int, alpha: float, kind: str = "gr", mixed: bool = Fal
 
             last = j == accumulation - 1
             before = [local(p).detach().clone() for p in model.parameters()]
-            if kind == "plain":  # plain FSDP2 accumulation: reduce-scatter on the last micro-batch only
+            if step_kind == "plain":  # plain FSDP2 accumulation: reduce-scatter on the last micro-batch only
                 model.set_requires_gradient_sync(last)
                 run_pass()
                 model.set_requires_gradient_sync(True)
@@ -162,6 +165,7 @@ def main() -> None:
         results[f"plain_ga{accumulation}"] = run_mlp(accumulation, 0.5, kind="plain")
         for alpha in (0.5, 1.0):
             results[f"gr_ga{accumulation}_a{alpha}"] = run_mlp(accumulation, alpha)
+    results["gr_reuse_ga2"] = run_mlp(2, 1.0, kinds=("gr", "reuse", "reuse"))
     results["gr_mixed"] = run_mlp(1, 1.0, mixed=True)
     results["plain_mixed"] = run_mlp(1, 1.0, kind="plain", mixed=True)
     for accumulation in (1, 2):
