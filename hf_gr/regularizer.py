@@ -28,22 +28,16 @@ For a custom Accelerate loop, call `backward(loss_fn)` in place of `accelerator.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from . import gradient, replay, schedule
+from . import gradient, replay, schedule, sync
 from .arguments import GRArguments
+from .reuse import ReuseState
 from .schedule import GR, REUSE, StepPlan
-
-try:  # torch >= 2.4
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = ()  # type: ignore[assignment,misc]
 
 
 class GradientRegularizer:
@@ -150,32 +144,32 @@ class GradientRegularizer:
         if plan.kind != GR:
             loss = run_pass()
             if plan.kind == REUSE and last_micro_batch:
-                self.reuse.restore_loaded(self.trainable())
-                if self.reuse.ready:
-                    self._apply_reuse()
+                trainable = self.trainable()
+                self.reuse.apply_(trainable, self._sum_over_ranks if sync.is_sharded(trainable) else None)
             return loss
         return self._gr_micro_batch(run_pass, plan, last_micro_batch)
 
     def _gr_micro_batch(self, run_pass: Callable[[], torch.Tensor], plan: StepPlan, last: bool) -> torch.Tensor:
         trainable = self.trainable()
-        sharded = any(isinstance(p, DTensor) for p in trainable)
+        sharded = sync.is_sharded(trainable)
         accumulated = gradient.take_grads(trainable)  # A, put aside untouched (restored as is on a raise)
         rng = replay.rng_state()
         try:
-            with self._sync(sharded, on=sharded):
+            with sync.gradient_sync(self.model, self.accelerator, sharded, on=sharded):
                 loss = run_pass()
         except BaseException:
             gradient.put_back_(trainable, accumulated)
             raise
-        if self.args.gr_sync_perturbation and self._world_size() > 1 and not sharded:
-            self._average_across_replicas(trainable)
+        world = sync.world_size(self.accelerator)
+        if self.args.gr_sync_perturbation and world > 1 and not sharded:
+            sync.average_across_replicas_(trainable, world)
         params, g1 = gradient.params_with_grads(trainable)
-        local_params, local_g1 = _local(params), _local(g1)
+        local_params, local_g1 = sync.local_shards(params), sync.local_shards(g1)
         if self.args.gr_reuse:
-            self.reuse.collect_(trainable, params, local_g1, first=not self.reuse.collecting)
+            self.reuse.collect_(trainable, params, local_g1)
         squared = gradient.squared_norm(local_g1)
         if sharded:
-            squared = self._all_reduce_sum(squared)
+            squared = self._sum_over_ranks(squared)
         norm = squared.sqrt()
         divisor, _ = gradient.safe_divisor(norm, gradient.norm_floor(local_g1))
         a_of = dict(zip(map(id, trainable), accumulated)) if accumulated is not None else {}
@@ -193,7 +187,7 @@ class GradientRegularizer:
                 p.grad = None if id(p) in with_g1 else a_of.get(id(p))
             replay.set_rng_state(rng)
             if sharded:
-                self._second_pass_sharded(run_pass, params, local_g1, a_of, plan.alpha, measured)
+                self._second_pass_sharded(run_pass, params, g1, local_g1, a_of, plan.alpha, measured)
             else:
                 local_g1.clear()  # the same tensors as g1, which the combination now owns
                 combination = _Combination(
@@ -218,7 +212,9 @@ class GradientRegularizer:
         if measured and self.metrics is not None:
             self._record_second_pass(norm, measured)
         if self.args.gr_reuse and last:
-            self._finish_reuse(trainable, sharded)
+            per_replica = world > 1 and not sharded and not self.args.gr_sync_perturbation
+            mean = (lambda t: self._sum_over_ranks(t) / world) if per_replica else None  # the replica-mean g1
+            self.reuse.finish_(trainable, mean, self._sum_over_ranks if sharded else None)
         return loss
 
     # ---- the combination ----
@@ -227,29 +223,25 @@ class GradientRegularizer:
         self,
         run_pass: Callable[[], torch.Tensor],
         params: list[torch.Tensor],
+        g1: list[torch.Tensor],
         local_g1: list[torch.Tensor],
         a_of: dict[int, torch.Tensor | None],
         alpha: float,
         measured: list[torch.Tensor],
     ) -> None:
-        """FSDP2: pass 2 reduce-scatters g2 into `.grad`; then g1 + α·(g2 − g1) + A on each rank's shards."""
-        with self._sync(True, on=True), replay.frozen_running_stats(self.model):
+        """FSDP2: pass 2 reduce-scatters g2 into `.grad`; then g1 + α·(g2 − g1) + A on each rank's shards, in g1's."""
+        with sync.gradient_sync(self.model, self.accelerator, True, on=True), replay.frozen_running_stats(self.model):
             run_pass()
-        for p, first in zip(params, local_g1):
-            g2 = p.grad
-            if g2 is None:
-                g2_local = torch.zeros_like(first)
-            else:
-                g2_local = _local([g2])[0]
+        for p, first, first_local in zip(params, g1, local_g1):
+            g2 = sync.local_shards([p.grad])[0] if p.grad is not None else torch.zeros_like(first_local)
             if self.metrics is not None:
-                g2f = g2_local.detach().float()
-                measured.append(torch.stack([g2f.square().sum(), (g2f * first.float()).sum()]).cpu())
+                g2f = g2.detach().float()
+                measured.append(torch.stack([g2f.square().sum(), (g2f * first_local.float()).sum()]).cpu())
             a = a_of.get(id(p))
-            gradient.mix_(first, g2_local, alpha, None if a is None else _local([a])[0])
-            p.grad = _as_grad_like(p, first, g2)
+            gradient.mix_(first_local, g2, alpha, None if a is None else sync.local_shards([a])[0])
+            p.grad = first
         if measured:
-            total = self._all_reduce_sum(torch.stack(measured).sum(0))
-            measured[:] = [total]
+            measured[:] = [self._sum_over_ranks(torch.stack(measured).sum(0))]
 
     def _record_second_pass(self, norm: torch.Tensor, measured: list[torch.Tensor]) -> None:
         total = torch.stack(measured).sum(0)
@@ -259,79 +251,8 @@ class GradientRegularizer:
         self.metrics("gr_perturbed_grad_norm", g2_norm / self.diagnostics_scale)
         self.metrics("gr_cosine", cosine)
 
-    # ---- reuse (LookSAM) ----
-
-    def _finish_reuse(self, trainable: list[torch.Tensor], sharded: bool) -> None:
-        """After a GR step's last micro-batch: u and ρ from the step's g1 sum and g_GR (both replica means)."""
-        state = self.reuse
-        if self._world_size() > 1 and not sharded and not self.args.gr_sync_perturbation:
-            state.flat.copy_(self._all_reduce_sum(state.flat) / self._world_size())  # the replica-mean g1
-        _, grads = gradient.params_with_grads(trainable)
-        views = [state.view_of[id(p)] for p in trainable if p.grad is not None]
-        reduce = self._all_reduce_sum if sharded else None
-        rho = gradient.orthogonal_correction_(state.flat, views, _local(grads), all_reduce=reduce)
-        state.finish_(rho)
-
-    def _apply_reuse(self) -> None:
-        """A reuse step's last micro-batch: g ← g + ρ·‖g‖·u on the accumulated, replica-mean gradient."""
-        state = self.reuse
-        trainable = self.trainable()
-        params, grads = gradient.params_with_grads(trainable)
-        if not grads:
-            return
-        local = _local(grads)
-        squared = gradient.squared_norm(local)
-        if any(isinstance(g, DTensor) for g in grads):
-            squared = self._all_reduce_sum(squared)
-        views = [state.view_of[id(p)] for p in params]
-        gradient.add_correction_(local, views, state.rho, squared.sqrt())
-
-    # ---- distributed helpers ----
-
-    def _world_size(self) -> int:
-        if self.accelerator is not None:
-            return int(self.accelerator.num_processes)
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-    def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self._world_size() == 1:
-            return tensor
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-        return tensor
-
-    @contextlib.contextmanager
-    def _sync(self, sharded: bool, on: bool) -> Iterator[None]:
-        """Pass 1 never all-reduces under DDP (`no_sync`); under FSDP2 both passes reduce-scatter."""
-        if sharded:
-            previous = _fsdp_gradient_sync(self.model)
-            _set_fsdp_gradient_sync(self.model, on)
-            try:
-                yield
-            finally:
-                _set_fsdp_gradient_sync(self.model, previous)
-        elif self.accelerator is not None:
-            with self.accelerator.no_sync(self.model):
-                yield
-        elif hasattr(self.model, "no_sync"):
-            with self.model.no_sync():
-                yield
-        else:
-            yield
-
-    def _average_across_replicas(self, trainable: list[torch.Tensor]) -> None:
-        """g1 ← its mean over the replicas, in one all-reduce (for `gr_sync_perturbation`).
-
-        A parameter without a gradient on this replica takes part with zeros, so all replicas reduce alike.
-        """
-        for p in trainable:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in trainable]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        flat = self._all_reduce_sum(flat) / self._world_size()
-        chunks = torch.split(flat, [g.numel() for g in grads])
-        torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(chunks, grads)])
+    def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        return sync.all_reduce_sum(tensor, sync.world_size(self.accelerator))
 
 
 class _Combination:
@@ -373,99 +294,3 @@ class _Combination:
                 continue
             g1, accumulated = self.g1[i], self.accumulated[i]
             p.grad = accumulated if g1 is None else gradient.mix_(g1, torch.zeros_like(g1), self.alpha, accumulated)
-
-
-class ReuseState:
-    """LookSAM's kept correction: u (one flat buffer with a view per trainable parameter) and ρ.
-
-    During a GR step the buffer collects the step's g1 (summed over micro-batches); after its last micro-batch it
-    becomes u = c⊥/‖c⊥‖ (`gradient.orthogonal_correction_`). Memory: one parameter-sized buffer.
-    """
-
-    def __init__(self) -> None:
-        self.flat: torch.Tensor | None = None
-        self.view_of: dict[int, torch.Tensor] = {}
-        self.rho: torch.Tensor | None = None
-        self.ready = False  # a GR step has set u and ρ
-        self.collecting = False  # inside a GR step
-        self._loaded: dict[str, Any] | None = None
-
-    def allocate(self, trainable: list[torch.Tensor]) -> None:
-        """One flat buffer for u, in the parameters' dtype (float32 if they differ), with a view per parameter."""
-        locals_ = _local(trainable)
-        dtypes = {p.dtype for p in locals_}
-        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        self.flat = torch.zeros(sum(p.numel() for p in locals_), dtype=dtype, device=locals_[0].device)
-        self.view_of = {}
-        offset = 0
-        for p, local in zip(trainable, locals_):
-            self.view_of[id(p)] = self.flat[offset : offset + local.numel()].view_as(local)
-            offset += local.numel()
-        if self._loaded is not None:
-            self.flat.copy_(self._loaded["gr_reuse_u"])
-            self.rho = self._loaded["gr_reuse_rho"].to(self.flat.device)
-            self.ready = bool(self._loaded["gr_reuse_ready"])
-            self._loaded = None
-
-    def restore_loaded(self, trainable: list[torch.Tensor]) -> None:
-        """Install a loaded state (a resumed run) once the parameters are known."""
-        if self._loaded is not None:
-            self.allocate(trainable)
-
-    def collect_(self, trainable: list[torch.Tensor], params: list[torch.Tensor], g1: list[torch.Tensor],
-                 first: bool) -> None:  # fmt: skip
-        """Add this micro-batch's g1 to the buffer (zeroed at a GR step's first micro-batch)."""
-        if self.flat is None or len(self.view_of) != len(trainable):
-            self.allocate(trainable)
-        if first:
-            self.flat.zero_()
-            self.ready, self.collecting = False, True
-        gradient.add_([self.view_of[id(p)] for p in params], [g.to(self.flat.dtype) for g in g1])
-
-    def finish_(self, rho: torch.Tensor) -> None:
-        self.rho, self.ready, self.collecting = rho, True, False
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.flat is None:
-            return dict(self._loaded) if self._loaded is not None else {}
-        return {"gr_reuse_u": self.flat.detach().cpu().clone(), "gr_reuse_rho": self.rho.detach().cpu().clone()
-                if self.rho is not None else torch.zeros(()), "gr_reuse_ready": self.ready}  # fmt: skip
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "gr_reuse_u" not in state:
-            return
-        self._loaded = {k: state[k] for k in ("gr_reuse_u", "gr_reuse_rho", "gr_reuse_ready")}
-        if self.flat is not None and self.flat.numel() == state["gr_reuse_u"].numel():
-            self.flat.copy_(state["gr_reuse_u"])
-            self.rho = state["gr_reuse_rho"].to(self.flat.device)
-            self.ready = bool(state["gr_reuse_ready"])
-            self._loaded = None
-
-
-def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each rank's own shard of a DTensor (FSDP2), the tensor itself otherwise."""
-    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
-
-
-def _as_grad_like(param: torch.Tensor, local: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
-    """A `.grad` for a sharded parameter from its local shard (a DTensor with the parameter's placement)."""
-    if isinstance(param, DTensor):
-        return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape,
-                                  stride=param.stride(), run_check=False)  # fmt: skip
-    return local
-
-
-def _fsdp_gradient_sync(model: nn.Module) -> bool:
-    """Whether an FSDP2 model reduce-scatters its gradients in backward now."""
-    for module in model.modules():
-        state = getattr(module, "_get_fsdp_state", None)
-        if state is not None:
-            group = state()._fsdp_param_group
-            if group is not None:
-                return bool(group.reduce_grads)
-    return True
-
-
-def _set_fsdp_gradient_sync(model: nn.Module, on: bool) -> None:
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(on)
