@@ -275,6 +275,8 @@ class _Combination:
 
     def _hook(self, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
         def combine(g2: torch.Tensor) -> torch.Tensor:
+            if self.fired[i]:  # a later part of g2 (reentrant checkpointing accumulates per segment): α·part
+                return g2 if self.alpha == 1.0 else g2 * self.alpha
             self.fired[i] = True
             g1, self.g1[i] = self.g1[i], None
             accumulated = self.accumulated[i]

@@ -204,7 +204,7 @@ class GRMixin:
             finally:
                 self._gr_exact_lambda = None
         regularizer = self.gr_regularizer
-        regularizer.model = model
+        regularizer.model, regularizer.args = model, self.args  # `hyperparameter_search` may swap either
         recording = self.gr_metrics.recording
         regularizer.metrics = self.gr_metrics.add if recording else None
         if recording:

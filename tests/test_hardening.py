@@ -272,6 +272,42 @@ def test_tied_weights(tmp_path):
     assert max_rel_err(grads_of(model), reference_gr_grad(model, batch, 0.05, 0.1)) < 1e-6
 
 
+class _TwoSegmentNet(torch.nn.Module):
+    """One weight used in two reentrant-checkpointed segments: its gradient arrives in two accumulations."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = torch.nn.Linear(6, 6)
+        self.fc2 = torch.nn.Linear(6, 3)
+        self.checkpointing = True
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig()
+
+    def forward(self, x, labels=None):
+        from torch.utils.checkpoint import checkpoint
+
+        def segment(t):
+            return torch.tanh(self.fc1(t))
+
+        run = (lambda t: checkpoint(segment, t, use_reentrant=True)) if self.checkpointing else segment
+        h = run(run(x))
+        logits = self.fc2(h)
+        return {"logits": logits} if labels is None else {"logits": logits, "loss": F.cross_entropy(logits, labels)}
+
+
+@pytest.mark.parametrize("gr_lambda", [0.05, 0.1])
+def test_a_gradient_that_arrives_in_parts(tmp_path, gr_lambda):
+    model = _TwoSegmentNet()
+    batch = DictDataset(16).batch(0, 16)
+    batch["x"].requires_grad_(True)  # reentrant checkpointing needs an input that requires grad
+    _trainer(tmp_path, model, gr_lambda=gr_lambda).training_step(model, dict(batch))
+    model.checkpointing = False  # the same function, without the segments, for the reference
+    want = reference_gr_grad(model, {k: v.detach() for k, v in batch.items()}, gr_lambda, 0.1)
+    assert max_rel_err(grads_of(model), want) < 1e-6
+
+
 def test_models_sharded_at_load_time_are_refused(tmp_path):
     model = TinyNet()
     model.is_distributed_loading_by_transformers = True  # what `from_pretrained(tp_plan=...)` sets
