@@ -1,16 +1,18 @@
 #!/usr/bin/env python
-"""Benchmark GR's cost: a GR optimizer step against a plain Trainer step (the 2× floor) and a peer SAM.
+"""Benchmark GR's cost: GR and its cheaper modes against a plain Trainer step (the 2× floor) and a peer SAM.
 
-    python scripts/benchmark.py                      # ViT-Ti (paper CIFAR config), batch 24, 1 thread
+    python scripts/benchmark.py                      # the paper's ViT-Ti for CIFAR, batch 24, 1 thread
     python scripts/benchmark.py --quick --json out.json
+    python scripts/benchmark.py --quick --profile gr_reuse4   # where one configuration's time goes
 
-Times, interleaved in one process (one step of each configuration per round, order rotating, warm-up rounds
-discarded, torch threads fixed), one full optimizer step of: a plain `Trainer`, `GRTrainer` finite-difference
-GR at α = 0.5 and α = 1, `GRTrainer` inside the zero-warmup phase, `gr_method="exact"`, the peer
-`pytorch_optimizer.SAM` around AdamW, and plain/GR with gradient accumulation 2. First runs each
-configuration in its own (forked) subprocess for memory: the live tensor bytes at GR's bookkeeping points (GR's
-extra buffers over the parameter bytes) and peak RSS as a cross-check. Prints a table; `--json PATH` writes
-every number as flat keys.
+Times, interleaved in one process, whole cycles of consecutive optimizer steps (8 by default: one sample per
+configuration per round, the order rotating, warm-up rounds discarded, torch threads fixed) of: a plain `Trainer`,
+`GRTrainer` finite-difference GR at α = 0.5 and α = 1, `GRTrainer` inside the zero-warmup phase,
+`gr_method="exact"`, the peer `pytorch_optimizer.SAM` around AdamW, plain/GR with gradient accumulation 2, and the
+cheaper modes at α = 1: `gr_probability=0.5`, `gr_interval=4`, `gr_interval=4` with `gr_reuse`. Ratios are
+medians of per-round ratios. First runs each configuration in its own (forked) subprocess for memory: the live
+tensor bytes at each pass's start (GR's extra buffers over the parameter bytes) and peak RSS as a cross-check.
+Prints a table; `--json PATH` writes every number as flat keys.
 """
 
 from __future__ import annotations
@@ -23,26 +25,63 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
 import benchmarking as bench
+from paper_vit import PAPER_VIT_CONFIGS
 
-TARGETS = {  # key: (limit, what it is measured against)
-    "gr_over_plain": (2.05, "floor 2.0"),
-    "zero_over_plain": (1.02, "floor 1.0"),
-    "gr_over_peer_sam": (1.0, "peer"),
-    "extra_bytes_over_param_bytes": (1.05, "floor 1.0"),
-    "extra_bytes_over_param_bytes_ga": (2.05, "floor 2.0"),
-}
+TARGETS: Mapping[str, tuple[float, str]] = MappingProxyType(
+    {  # key: (limit, what it is measured against)
+        "gr_over_plain": (2.05, "floor 2.0"),
+        "zero_over_plain": (1.02, "floor 1.0"),
+        "gr_over_peer_sam": (1.0, "peer"),
+        "gr_p05_over_plain": (1.55, "floor 1.5"),
+        "gr_interval4_over_plain": (1.30, "floor 1.25"),
+        "gr_reuse4_over_plain": (1.32, "floor 1.25"),
+        "gr_p05_over_peer_sam": (0.80, "peer"),
+        "extra_bytes_over_param_bytes": (1.05, "floor 1.0: θ copy"),
+        "extra_bytes_over_param_bytes_ga": (2.05, "floor 2.0"),
+        "extra_bytes_over_param_bytes_reuse": (2.05, "floor 2.0: θ copy, u"),
+    }
+)
+RATIO_ROWS = (
+    "gr_over_plain",
+    "gr_a0.5_over_plain",
+    "gr_a1_over_plain",
+    "zero_over_plain",
+    "exact_over_plain",
+    "gr_over_peer_sam",
+    "gr_ga2_over_plain_ga2",
+    "peer_sam_over_plain",
+    "gr_p05_over_plain",
+    "gr_p05_over_plain_at_p",
+    "gr_interval4_over_plain",
+    "gr_reuse4_over_plain",
+    "gr_reuse4_over_gr_interval4",
+    "gr_p05_over_peer_sam",
+    "gr_p05_over_peer_sam_at_p",
+)
+MEMORY_ROWS: Mapping[str, str] = MappingProxyType(
+    {  # key: what GR holds beyond the plain step
+        "extra_bytes_over_param_bytes": "α = 1: θ copy",
+        "extra_bytes_over_param_bytes_a05": "α = 0.5: θ copy, g1",
+        "extra_bytes_over_param_bytes_ga": "α = 0.5, accumulation 2: θ copy, g1",
+        "extra_bytes_over_param_bytes_reuse": "α = 1, reuse: θ copy, u",
+    }
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smaller ViT and batch (finishes in < 2 min)")
-    parser.add_argument("--steps", type=int, default=None, help="measured steps per configuration")
-    parser.add_argument("--warmup", type=int, default=2, help="warm-up rounds discarded")
+    parser.add_argument("--quick", action="store_true", help="a smaller ViT and batch (a few minutes)")
+    parser.add_argument("--model", default="vit-ti", choices=list(PAPER_VIT_CONFIGS), help="the paper ViT timed")
+    parser.add_argument("--rounds", type=int, default=None, help="measured rounds (default 6, --quick 10)")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds discarded")
+    parser.add_argument("--cycle", type=int, default=bench.CYCLE_STEPS, help="optimizer steps per sample")
     parser.add_argument(
         "--threads",
         type=int,
@@ -53,13 +92,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--configs", default=",".join(bench.CONFIGS), help="comma-separated configurations")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
     parser.add_argument("--json", default=None, help="write all numbers as flat keys to this path")
+    parser.add_argument("--profile", default=None, metavar="CONFIG", help="print a cProfile of one cycle and exit")
     return parser.parse_args(argv)
 
 
 def model_spec(args: argparse.Namespace) -> bench.ModelSpec:
-    spec = bench.VIT_QUICK if args.quick else bench.VIT_TI
+    if args.quick:
+        spec = bench.VIT_QUICK
+    elif args.model == "vit-ti":
+        spec = bench.VIT_TI
+    else:
+        spec = bench.ModelSpec(args.model, bench.VIT_TI.batch_size, base=args.model)
     if args.batch_size is not None:
-        spec = bench.ModelSpec(**{**spec.__dict__, "batch_size": args.batch_size})
+        spec = bench.ModelSpec(spec.name, args.batch_size, spec.base, spec.overrides)
     return spec
 
 
@@ -97,68 +142,69 @@ def measure_memory_in_subprocesses(spec: bench.ModelSpec, names: list[str]) -> d
     return memory
 
 
-def format_table(results: dict[str, Any], names: list[str]) -> str:
+def format_table(results: Mapping[str, Any], names: list[str]) -> str:
     lines = [
         f"model {results['model']}, batch {results['batch_size']}, params {results['param_count']:,}, "
         f"torch {results['torch_version']}, {results['torch_threads']} threads, {results['cpu_count']} cores, "
-        f"{results['measured_steps']} steps (+{results['warmup_steps']} warm-up), interleaved",
+        f"{results['measured_rounds']} rounds of {results['cycle_steps']} steps "
+        f"(+{results['warmup_rounds']} warm-up), interleaved",
         "",
-        f"{'configuration':<12} {'median s':>9} {'min s':>8} {'max s':>8} {'× plain':>8} "
-        f"{'extra/param: bookkeeping':>24} {'at pass':>8} {'peak RSS':>9}",
+        f"{'configuration':<13} {'s/step':>7} {'min':>7} {'max':>7} {'× base':>7} {'GR frac':>7} "
+        f"{'bookkeeping':>11} {'extra/param: pass start':>23} {'points':>7} {'RSS':>7}",
     ]
     for name in names:
         if f"{name}_median_s" not in results:
             continue
-        baseline = "plain_ga2" if bench.CONFIGS[name].accumulation == 2 else "plain"
-        over = results[f"{name}_median_s"] / results[f"{baseline}_median_s"]
-        if name == "gr_ga2":
-            live = results.get("extra_bytes_over_param_bytes_ga")
-            at_pass = results.get("extra_bytes_over_param_bytes_ga_at_pass")
-            rss = results.get("extra_bytes_over_param_bytes_ga_rss")
-        else:
-            live = results.get(f"{name}_extra_bytes_over_param_bytes")
-            at_pass = results.get(f"{name}_extra_bytes_over_param_bytes_at_pass")
-            rss = results.get(f"{name}_extra_bytes_over_param_bytes_rss")
+        baseline = bench.CONFIGS[name].baseline
+        over = results.get(f"{baseline}_median_s")
+        over = None if over is None else results[f"{name}_median_s"] / over
+        extra = [results.get(f"{name}_extra_bytes_over_param_bytes{s}") for s in bench.MEMORY_MEASURES]
         lines.append(
-            f"{name:<12} {results[f'{name}_median_s']:>9.3f} {results[f'{name}_min_s']:>8.3f} "
-            f"{results[f'{name}_max_s']:>8.3f} {over:>8.3f} {_fmt(live):>24} {_fmt(at_pass):>8} {_fmt(rss):>9}"
+            f"{name:<13} {results[f'{name}_median_s']:>7.3f} {results[f'{name}_min_s']:>7.3f} "
+            f"{results[f'{name}_max_s']:>7.3f} {_fmt(over):>7} {results[f'{name}_gr_fraction']:>7.3f} "
+            f"{results[f'{name}_overhead_fraction']:>11.2%} {_fmt(extra[0]):>23} {_fmt(extra[1]):>7} "
+            f"{_fmt(extra[2]):>7}"
         )
-    lines += ["", "ratio (median of per-round ratios) of medians   target   met"]
-    for key in (
-        "gr_over_plain",
-        "gr_a0.5_over_plain",
-        "gr_a1_over_plain",
-        "zero_over_plain",
-        "exact_over_plain",
-        "gr_over_peer_sam",
-        "gr_ga2_over_plain_ga2",
-        "extra_bytes_over_param_bytes",
-        "extra_bytes_over_param_bytes_ga",
-        "extra_bytes_over_param_bytes_at_pass",
-        "extra_bytes_over_param_bytes_ga_at_pass",
-        "extra_bytes_over_param_bytes_rss",
-        "extra_bytes_over_param_bytes_ga_rss",
-    ):
+    lines += [
+        "",
+        "(s/step: median over rounds of cycle seconds / steps; × base: of medians, over plain or plain_ga2;",
+        " GR frac: realized GR steps / measured steps; bookkeeping: share of the step outside the passes)",
+        "",
+        f"{'ratio (median of per-round ratios)':<36} {'value':>7} {'of medians':>10} {'target':>7}  met",
+    ]
+    for key in RATIO_ROWS:
+        if key in results:
+            lines.append(_target_line(results, key, results.get(f"{key}_of_medians")))
+    if "gr_p05_gr_fraction" in results:
+        lines.append(f"{'gr_p05_gr_fraction (realized)':<36} {results['gr_p05_gr_fraction']:>7.3f}")
+    lines += [
+        "",
+        f"{'memory (extra / param bytes)':<36} {'pass start':>10} {'points':>7} {'RSS':>7} {'target':>7}  met",
+    ]
+    for key, held in MEMORY_ROWS.items():
         if key not in results:
             continue
         limit = TARGETS.get(key, (None, ""))[0]
         met = "" if limit is None else ("yes" if results[key] <= limit else "NO")
-        of_medians = results.get(f"{key}_of_medians")
-        lines.append(f"{key:<34} {results[key]:>7.3f} {_fmt(of_medians):>10} {_fmt(limit):>8}   {met}")
-    for name in ("gr_a0.5", "gr_a1", "gr_ga2"):
-        if f"{name}_overhead_fraction" not in results:
-            continue
-        parts = ", ".join(
-            f"{part.rstrip('_')} {results[f'{name}_{part}_median_s'] * 1e3:.1f}"
-            for part in bench.BOOKKEEPING_FUNCTIONS
-        )
         lines.append(
-            f"overhead {name}: {results[f'{name}_overhead_fraction']:.2%} of the step outside the passes "
-            f"({results[f'{name}_bookkeeping_median_s'] * 1e3:.1f} ms: {parts} ms; "
-            f"passes {results[f'{name}_pass_median_s'] * 1e3:.0f} ms, "
-            f"optimizer/clip {results[f'{name}_optimizer_and_rest_median_s'] * 1e3:.0f} ms)"
+            f"{key:<36} {results[key]:>10.3f} {_fmt(results.get(key + '_points')):>7} "
+            f"{_fmt(results.get(key + '_rss')):>7} {_fmt(limit):>7}  {met:<3} ({held})"
         )
+    for name in names:
+        if bench.CONFIGS[name].kind == "gr" and f"{name}_pass_median_s" in results:
+            lines.append(
+                f"split {name}: passes {results[f'{name}_pass_median_s'] * 1e3:.1f} ms/step "
+                f"({results[f'{name}_passes_per_step']:.2f} per step), bookkeeping "
+                f"{results[f'{name}_bookkeeping_median_s'] * 1e3:.1f} ms/step, optimizer/clip/callbacks "
+                f"{results[f'{name}_optimizer_and_rest_median_s'] * 1e3:.1f} ms/step"
+            )
     return "\n".join(lines)
+
+
+def _target_line(results: Mapping[str, Any], key: str, of_medians: float | None) -> str:
+    limit = TARGETS.get(key, (None, ""))[0]
+    met = "" if limit is None else ("yes" if results[key] <= limit else "NO")
+    return f"{key:<36} {results[key]:>7.3f} {_fmt(of_medians):>10} {_fmt(limit):>7}  {met}"
 
 
 def _fmt(value: float | None) -> str:
@@ -171,13 +217,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     spec = model_spec(args)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = sorted(set(names) - set(bench.CONFIGS))
-    if unknown:
-        raise SystemExit(f"unknown configurations {unknown}; known: {', '.join(bench.CONFIGS)}")
-    steps = args.steps if args.steps is not None else (10 if args.quick else 8)
+    if unknown or (args.profile is not None and args.profile not in bench.CONFIGS):
+        raise SystemExit(f"unknown configurations {unknown or [args.profile]}; known: {', '.join(bench.CONFIGS)}")
+    if args.profile is not None:
+        print(bench.profile_cycle(args.profile, spec, args.cycle))
+        return {}
+    rounds = args.rounds if args.rounds is not None else (10 if args.quick else 6)
     started = time.perf_counter()
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     memory = {} if args.no_memory else measure_memory_in_subprocesses(spec, names)
-    timings = bench.time_configs(names, spec, steps=steps, warmup=args.warmup, log=log)
+    timings = bench.time_configs(names, spec, rounds=rounds, warmup=args.warmup, cycle_steps=args.cycle, log=log)
     results: dict[str, Any] = {
         "model": spec.name,
         "batch_size": spec.batch_size,
@@ -186,8 +235,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
-        "measured_steps": steps,
-        "warmup_steps": args.warmup,
+        "measured_rounds": rounds,
+        "warmup_rounds": args.warmup,
+        "cycle_steps": args.cycle,
         **bench.summarize(timings, memory),
     }
     results["wall_s"] = time.perf_counter() - started

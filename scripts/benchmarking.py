@@ -1,82 +1,78 @@
 """Measure what a GR step costs: time against a plain Trainer step and a peer SAM, and the memory GR holds.
 
-Used by `scripts/benchmark.py` (see its docstring for the command line). Every configuration is a `StepRunner`
-that takes one full optimizer step on a fixed batch, the way `Trainer`'s loop does it: `on_step_begin`, each
-micro-batch's `training_step`, clipping, `optimizer.step()`, the scheduler, `model.zero_grad()`.
+Used by `scripts/benchmark.py` (see its docstring for the command line). Every configuration is a runner that
+takes full optimizer steps on a fixed batch the way `Trainer`'s loop does: `on_step_begin` (through the callback
+handler, so `GRMixin` plans the step), each micro-batch's `training_step` with the sync flag set, clipping,
+`optimizer.step()`, the scheduler, `zero_grad`, `global_step += 1`, `on_step_end`.
 
-- `time_configs` interleaves the configurations in one process (one step each per round, the order rotating
-  every round), discards warm-up rounds, and splits each GR step into the passes and GR's bookkeeping by timing
-  `Trainer.training_step` and the `hf_gr.gradient` functions (the outer `GRTrainer.training_step` minus the
-  passes is the bookkeeping).
-- `measure_memory` runs one configuration and records the bytes of all live tensors (storages counted once)
-  where GR holds its buffers: when `perturb_` returns (θ's copy, g1 and, under accumulation, the put-aside
-  gradients all alive), after every micro-batch, and after each of the peer's passes. GR's extra bytes are
-  its maximum minus the plain configuration's maximum.
-- `summarize` turns both into flat keys (medians, min–max, ratios, memory over parameter bytes).
+Nothing is patched: the benchmark's own trainers report what they do to a `Recorder` they are given.
+`TimedTrainer` times its `training_step` (one forward and backward: a pass) and marks each pass's start;
+`TimedGRTrainer = GRMixin + TimedTrainer`, so the two parent steps `GRMixin` runs on a GR step are the timed
+passes. The runner times the outer `training_step` call; GR's bookkeeping is that minus the passes.
+
+- `time_configs` interleaves the configurations in one process: per round one cycle of several consecutive
+  optimizer steps of each (the order rotating every round, so a cycle of `gr_probability=0.5` or `gr_interval=4`
+  holds the mix of GR and plain steps), warm-up rounds discarded.
+- `measure_memory` runs one configuration with a `MemoryProbe` in its recorder: the live tensor bytes at each
+  pass's start (what is held while the activations build up) and after each micro-batch, and the peak RSS.
+- `summarize` turns both into flat keys (medians, min–max, ratios, GR fractions, memory over parameter bytes).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import cProfile
 import gc
+import io
+import pstats
 import resource
 import statistics
 import tempfile
 import time
 import warnings
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification, get_scheduler
 
-from hf_gr import GRTrainer, GRTrainingArguments, gradient
+from hf_gr import GRMixin, GRTrainingArguments, schedule
+
+from paper_vit import paper_vit, paper_vit_config
 
 GR_R = 0.1  # the paper's CIFAR radius; α = λ / r
-BOOKKEEPING_FUNCTIONS = (
-    "take_grads",
-    "params_with_grads",
-    "global_grad_norm",
-    "snapshot",
-    "perturb_",
-    "prepare_second_pass_",
-    "finish_second_pass_",
-    "restore_",
-)
+CYCLE_STEPS = 8  # optimizer steps per measured sample: two whole cycles of gr_interval=4
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A ViT for 32×32 inputs (patch 4) and the micro-batch it is timed at."""
+    """A paper ViT for 32×32 CIFAR inputs (`paper_vit.PAPER_VIT_CONFIGS`), optionally resized, and its micro-batch.
+
+    Args:
+        name (`str`): the label printed with the results.
+        batch_size (`int`): the micro-batch the steps are timed at.
+        base (`str`): a key of `PAPER_VIT_CONFIGS`.
+        overrides (`str`): "key=value,..." applied to the paper's config (as train.py's `--config_overrides`).
+    """
 
     name: str
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
     batch_size: int
+    base: str = "vit-ti"
+    overrides: str = ""
 
     def vit_config(self) -> ViTConfig:
-        return ViTConfig(
-            image_size=32,
-            patch_size=4,
-            num_channels=3,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            intermediate_size=self.intermediate_size,
-            hidden_dropout_prob=0.1,
-            attention_probs_dropout_prob=0.1,
-            num_labels=10,
-        )
+        return paper_vit_config(self.base, {i: f"class_{i}" for i in range(10)}, self.overrides or None)
 
 
-VIT_TI = ModelSpec("vit-ti", 192, 12, 3, 768, batch_size=24)  # the paper's ViT-Ti CIFAR config; ~0.8 s a step
-VIT_QUICK = ModelSpec("vit-quick", 96, 4, 3, 384, batch_size=32)
-VIT_TINY = ModelSpec("vit-tiny", 32, 1, 2, 64, batch_size=4)  # for the smoke test
+VIT_TI = ModelSpec("vit-ti", batch_size=24)  # the paper's ViT-Ti CIFAR config; ~0.9 s a plain step on one thread
+VIT_QUICK = ModelSpec(
+    "vit-quick", 32, overrides="hidden_size=96,num_hidden_layers=4,num_attention_heads=3,intermediate_size=384"
+)
+VIT_TINY = ModelSpec(  # for the smoke test
+    "vit-tiny", 4, overrides="hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64"
+)
 
 
 @dataclass(frozen=True)
@@ -88,18 +84,32 @@ class Config:
     warmup: str = "none"
     method: str = "finite_difference"
     accumulation: int = 1
+    interval: int = 1
+    probability: float = 1.0
+    reuse: bool = False
+
+    @property
+    def baseline(self) -> str:
+        """The plain configuration it is compared with (the same accumulation)."""
+        return "plain_ga2" if self.accumulation == 2 else "plain"
 
 
-CONFIGS: dict[str, Config] = {
-    "plain": Config("plain"),
-    "gr_a0.5": Config("gr", gr_lambda=0.5 * GR_R),
-    "gr_a1": Config("gr", gr_lambda=GR_R),
-    "zero": Config("gr", gr_lambda=GR_R, warmup="zero"),  # inside the zero-warmup phase: λ_t = 0
-    "exact": Config("gr", gr_lambda=GR_R, method="exact"),
-    "peer_sam": Config("peer_sam"),  # pytorch_optimizer.SAM around AdamW, rho = r (α = 1)
-    "plain_ga2": Config("plain", accumulation=2),
-    "gr_ga2": Config("gr", gr_lambda=0.5 * GR_R, accumulation=2),
-}
+CONFIGS: Mapping[str, Config] = MappingProxyType(
+    {
+        "plain": Config("plain"),
+        "gr_a0.5": Config("gr", gr_lambda=0.5 * GR_R),
+        "gr_a1": Config("gr", gr_lambda=GR_R),
+        "zero": Config("gr", gr_lambda=GR_R, warmup="zero"),  # inside the zero-warmup phase: λ_t = 0
+        "exact": Config("gr", gr_lambda=GR_R, method="exact"),
+        "peer_sam": Config("peer_sam"),  # pytorch_optimizer.SAM around AdamW, rho = r (α = 1)
+        "plain_ga2": Config("plain", accumulation=2),
+        "gr_ga2": Config("gr", gr_lambda=0.5 * GR_R, accumulation=2),
+        # the cheaper modes, at α = 1 (SAM, the CIFAR recipe), against the peer SAM
+        "gr_p05": Config("gr", gr_lambda=GR_R, probability=0.5),  # the official code's hybrid mode
+        "gr_interval4": Config("gr", gr_lambda=GR_R, interval=4),  # composer's SAM interval
+        "gr_reuse4": Config("gr", gr_lambda=GR_R, interval=4, reuse=True),  # LookSAM
+    }
+)
 
 
 def make_batches(spec: ModelSpec, count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -115,137 +125,9 @@ def make_batches(spec: ModelSpec, count: int, seed: int = 0) -> list[dict[str, t
 
 
 def make_model(spec: ModelSpec, seed: int = 0) -> ViTForImageClassification:
-    """The ViT, identically initialized for every configuration."""
+    """The paper's ViT (zero-initialized head), identically initialized for every configuration."""
     torch.manual_seed(seed)
-    return ViTForImageClassification(spec.vit_config())
-
-
-def _training_arguments(config: Config, spec: ModelSpec, output_dir: str) -> TrainingArguments:
-    common: dict[str, Any] = dict(
-        output_dir=output_dir,
-        use_cpu=True,
-        report_to=[],
-        max_steps=1_000_000,
-        per_device_train_batch_size=spec.batch_size,
-        gradient_accumulation_steps=config.accumulation,
-        learning_rate=1e-3,
-        weight_decay=0.3,
-        max_grad_norm=1.0,
-        logging_strategy="no",
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    if config.kind == "plain":
-        return TrainingArguments(**common)
-    return GRTrainingArguments(
-        **common,
-        gr_lambda=config.gr_lambda,
-        gr_r=GR_R,
-        gr_warmup_strategy=config.warmup,
-        gr_warmup_steps=1_000_000_000 if config.warmup == "zero" else None,
-        gr_method=config.method,
-    )
-
-
-class StepRunner:
-    """One configuration's model, optimizer and batches; `step()` takes one full optimizer step."""
-
-    name: str
-    model: torch.nn.Module
-    microbatch_times: list[float]  # the outer `training_step` call of each micro-batch of the last step
-
-    def step(self) -> None:
-        raise NotImplementedError
-
-
-class TrainerStepRunner(StepRunner):
-    """A `Trainer` or `GRTrainer` driven one optimizer step at a time, as its training loop does."""
-
-    def __init__(self, name: str, config: Config, spec: ModelSpec, seed: int = 0) -> None:
-        self.name = name
-        self._output_dir = tempfile.TemporaryDirectory(prefix="hf_gr_bench_")
-        args = _training_arguments(config, spec, self._output_dir.name)
-        trainer_class = Trainer if config.kind == "plain" else GRTrainer
-        self.trainer = trainer_class(model=make_model(spec, seed), args=args)
-        trainer = self.trainer
-        trainer.create_optimizer_and_scheduler(num_training_steps=args.max_steps)
-        self.model, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
-        trainer.model_wrapped = self.model
-        batches = make_batches(spec, config.accumulation, seed)
-        self.batches, self.num_items_in_batch = trainer.get_batch_samples(iter(batches), len(batches), args.device)
-        self.microbatch_times = []
-
-    def step(self) -> None:
-        trainer, model = self.trainer, self.model
-        trainer.current_gradient_accumulation_steps = len(self.batches)
-        trainer.control = trainer.callback_handler.on_step_begin(trainer.args, trainer.state, trainer.control)
-        self.microbatch_times = []
-        for i, inputs in enumerate(self.batches):
-            last = i == len(self.batches) - 1
-            trainer.accelerator.gradient_state._set_sync_gradients(last)
-            sync_context = contextlib.nullcontext() if last else trainer.accelerator.no_sync(model)
-            with sync_context:
-                start = time.perf_counter()
-                trainer.training_step(model, inputs, self.num_items_in_batch)
-                self.microbatch_times.append(time.perf_counter() - start)
-            _record_memory_point()
-        if trainer.args.max_grad_norm > 0:
-            trainer._clip_grad_norm(model)
-        trainer.optimizer.step()
-        trainer.lr_scheduler.step()
-        model.zero_grad()
-        trainer.state.global_step += 1
-
-
-class PeerSAMRunner(StepRunner):
-    """The peer: `pytorch_optimizer.SAM` around `torch.optim.AdamW`, in its documented two-step usage.
-
-    Same model, data, AdamW settings and parameter groups (no decay on biases and norms) as the Trainer, the
-    same linear scheduler and clipping (of g2, before the base optimizer step), rho = r, its defaults otherwise
-    (adaptive=False; foreach=None, i.e. per-tensor loops on CPU).
-    """
-
-    def __init__(self, name: str, spec: ModelSpec, seed: int = 0) -> None:
-        from pytorch_optimizer import SAM
-
-        self.name = name
-        self.model = make_model(spec, seed)
-        self.model.train()
-        decay = set(Trainer.get_decay_parameter_names(None, self.model))  # the Trainer's grouping (uses no self)
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for n, p in named if n in decay], "weight_decay": 0.3},
-            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
-        ]
-        self.optimizer = SAM(groups, torch.optim.AdamW, rho=GR_R, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
-        self.scheduler = get_scheduler("linear", self.optimizer.base_optimizer, 0, 1_000_000)
-        self.batches = make_batches(spec, 1, seed)
-        self.microbatch_times = []
-
-    def _loss(self) -> torch.Tensor:
-        if _memory_probe is not None:
-            _memory_probe("pass_start")
-        return self.model(**self.batches[0]).loss
-
-    def step(self) -> None:
-        start = time.perf_counter()
-        self._loss().backward()
-        self.optimizer.first_step(zero_grad=True)
-        _record_memory_point()
-        self._loss().backward()
-        _record_memory_point()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.second_step(zero_grad=True)
-        self.scheduler.step()
-        self.microbatch_times = [time.perf_counter() - start]
-
-
-def build_runner(name: str, spec: ModelSpec, seed: int = 0) -> StepRunner:
-    """The runner of configuration `name` (a key of `CONFIGS`)."""
-    config = CONFIGS[name]
-    if config.kind == "peer_sam":
-        return PeerSAMRunner(name, spec, seed)
-    return TrainerStepRunner(name, config, spec, seed)
+    return paper_vit(spec.vit_config())
 
 
 def param_bytes(model: torch.nn.Module) -> int:
@@ -253,99 +135,77 @@ def param_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-# ---- instrumentation: timers around the passes and the bookkeeping, memory points ----
-
-_timings: dict[str, float] = defaultdict(float)  # seconds per function, reset every step
-_memory_probe: Callable[[str], None] | None = None  # called with "pass_start" or "bookkeeping"
+# ---- what the runners report ----
 
 
-def _timed(name: str, function: Callable[..., Any], probe: bool = False) -> Callable[..., Any]:
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if name == "pass" and _memory_probe is not None:
-            _memory_probe("pass_start")  # what is held while the pass's activations build up
+class Recorder:
+    """One runner's report: the seconds of each pass, and a probe called at the points the runner marks.
+
+    Args:
+        probe (`Callable[[str], None]`, *optional*): called with "pass_start" before each pass and with
+            "micro_batch_end" after each micro-batch (a `MemoryProbe` in `measure_memory`).
+    """
+
+    def __init__(self, probe: Callable[[str], None] | None = None) -> None:
+        self.pass_seconds: list[float] = []
+        self.probe = probe
+
+    def point(self, where: str) -> None:
+        if self.probe is not None:
+            self.probe(where)
+
+    @contextlib.contextmanager
+    def timed_pass(self) -> Iterator[None]:
+        self.point("pass_start")
         start = time.perf_counter()
         try:
-            return function(*args, **kwargs)
+            yield
         finally:
-            _timings[name] += time.perf_counter() - start
-            if probe and _memory_probe is not None:
-                _memory_probe("bookkeeping")
-
-    return wrapper
+            self.pass_seconds.append(time.perf_counter() - start)
 
 
-def _record_memory_point() -> None:
-    if _memory_probe is not None:
-        _memory_probe("bookkeeping")
+class TimedTrainer(Trainer):
+    """A `Trainer` whose every `training_step` call (one forward and backward) is timed into `recorder`."""
+
+    def __init__(self, *args: Any, recorder: Recorder, **kwargs: Any) -> None:
+        self.recorder = recorder
+        super().__init__(*args, **kwargs)
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        with self.recorder.timed_pass():
+            return super().training_step(model, inputs, num_items_in_batch)
 
 
-@contextlib.contextmanager
-def instrumented() -> Iterator[None]:
-    """Time `Trainer.training_step` (one pass) and the `hf_gr.gradient` bookkeeping functions while inside."""
-    originals = {name: getattr(gradient, name) for name in BOOKKEEPING_FUNCTIONS}
-    original_step = Trainer.training_step
-    try:
-        for name, function in originals.items():
-            # `perturb_` returns with θ's copy, g1 and (under accumulation) the put-aside gradients all alive;
-            # after `prepare_second_pass_`, what stays alive is what GR holds through pass 2.
-            setattr(gradient, name, _timed(name, function, probe=name in ("perturb_", "prepare_second_pass_")))
-        Trainer.training_step = _timed("pass", original_step)
-        yield
-    finally:
-        for name, function in originals.items():
-            setattr(gradient, name, function)
-        Trainer.training_step = original_step
+class TimedGRTrainer(GRMixin, TimedTrainer):
+    """`GRTrainer` with timed passes: `GRMixin.training_step` runs `TimedTrainer.training_step` once per pass."""
 
 
-# ---- timing ----
+class MemoryProbe:
+    """The peak live tensor bytes (`.grad`s included) at the points a runner marks, once `enabled`.
+
+    Args:
+        model (`torch.nn.Module`): whose parameters' `.grad`s are counted explicitly (they can live in C++ only).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.enabled = False
+        self.at_pass_start = 0  # the most held when a pass starts: what the activations build on
+        self.at_any_point = 0  # pass starts and micro-batch ends (where a plain step holds its `.grad`)
+
+    def __call__(self, where: str) -> None:
+        if not self.enabled:
+            return
+        live = live_tensor_bytes(p.grad for p in self.model.parameters() if p.grad is not None)
+        self.at_any_point = max(self.at_any_point, live)
+        if where == "pass_start":
+            self.at_pass_start = max(self.at_pass_start, live)
 
 
-@dataclass
-class Timings:
-    """Per-configuration step times and, for every step, the seconds spent in passes and in bookkeeping."""
-
-    steps: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    split: dict[str, list[dict[str, float]]] = field(default_factory=lambda: defaultdict(list))
-
-
-def time_configs(
-    names: list[str], spec: ModelSpec, steps: int, warmup: int, log: Callable[[str], None] | None = None
-) -> Timings:
-    """Time `steps` optimizer steps of every configuration, interleaved (order rotating per round), after `warmup`."""
-    runners = [build_runner(name, spec) for name in names]
-    timings = Timings()
-    gc.collect()
-    gc.freeze()  # keep the per-step collections (outside the timed region) short
-    with instrumented(), contextlib.ExitStack() as stack:
-        stack.callback(gc.unfreeze)
-        for round_index in range(warmup + steps):
-            shift = round_index % len(runners)
-            for runner in runners[shift:] + runners[:shift]:
-                _timings.clear()
-                gc.collect()
-                start = time.perf_counter()
-                runner.step()
-                elapsed = time.perf_counter() - start
-                if round_index < warmup:
-                    continue
-                timings.steps[runner.name].append(elapsed)
-                split = dict(_timings)
-                outer = sum(runner.microbatch_times)
-                split["bookkeeping"] = max(outer - split.get("pass", 0.0), 0.0) if "pass" in split else 0.0
-                split["optimizer_and_rest"] = elapsed - outer
-                timings.split[runner.name].append(split)
-            if log is not None:
-                kind = "warm-up" if round_index < warmup else "measured"
-                log(f"round {round_index + 1}/{warmup + steps} ({kind}) done")
-    return timings
-
-
-# ---- memory ----
-
-
-def live_tensor_bytes(extra: list[torch.Tensor]) -> int:
+def live_tensor_bytes(extra: Iterable[torch.Tensor] = ()) -> int:
     """Bytes of all live CPU tensors reachable from Python (plus `extra`), each storage counted once."""
+    extra = list(extra)
+    gc.collect()
     seen: dict[int, int] = {}
     objects = gc.get_objects()  # holds this frame too: cleared below, or the cycle keeps every tensor alive
     try:
@@ -378,69 +238,265 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_memory(name: str, spec: ModelSpec, steps: int = 2, warmup: int = 1) -> dict[str, float]:
-    """Run configuration `name` alone; the peak of live tensor bytes at GR's bookkeeping points, and peak RSS.
+# ---- the runners ----
 
-    Parameter `.grad`s are counted explicitly (they can live in C++ only). Warm-up steps create the optimizer
-    state first, so configurations compare at the same state. Peak RSS is the process's high-water mark: meaningful
-    only when the process ran nothing else (`scripts/benchmark.py` runs each configuration in a subprocess).
+
+@dataclass(frozen=True)
+class Sample:
+    """One measured cycle of consecutive optimizer steps of one configuration."""
+
+    seconds: float  # the whole cycle
+    steps: int
+    gr_steps: int  # steps planned as GR steps (two passes; one for `gr_method="exact"`)
+    passes: int
+    pass_seconds: float  # inside the passes
+    step_call_seconds: float  # inside the outer `training_step` calls: the passes plus GR's bookkeeping
+
+
+class StepRunner:
+    """One configuration's model, optimizer, batches and `Recorder`; `step()` takes one full optimizer step."""
+
+    name: str
+    model: torch.nn.Module
+    recorder: Recorder
+
+    def step(self) -> tuple[bool, float]:
+        """One optimizer step: (whether it was a GR step, seconds inside the outer `training_step` calls)."""
+        raise NotImplementedError
+
+    def cycle(self, steps: int) -> Sample:
+        """`steps` consecutive optimizer steps, timed as a whole."""
+        self.recorder.pass_seconds.clear()
+        gr_steps, step_calls = 0, 0.0
+        start = time.perf_counter()
+        for _ in range(steps):
+            gr, seconds = self.step()
+            gr_steps += gr
+            step_calls += seconds
+        elapsed = time.perf_counter() - start
+        passes = self.recorder.pass_seconds
+        return Sample(elapsed, steps, gr_steps, len(passes), sum(passes), step_calls)
+
+
+def _training_arguments(config: Config, spec: ModelSpec, output_dir: str) -> TrainingArguments:
+    common: dict[str, Any] = dict(
+        output_dir=output_dir,
+        use_cpu=True,
+        report_to=[],
+        max_steps=1_000_000,
+        per_device_train_batch_size=spec.batch_size,
+        gradient_accumulation_steps=config.accumulation,
+        learning_rate=1e-3,
+        weight_decay=0.3,
+        max_grad_norm=1.0,
+        logging_strategy="no",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    if config.kind == "plain":
+        return TrainingArguments(**common)
+    return GRTrainingArguments(
+        **common,
+        gr_lambda=config.gr_lambda,
+        gr_r=GR_R,
+        gr_warmup_strategy=config.warmup,
+        gr_warmup_steps=1_000_000_000 if config.warmup == "zero" else None,
+        gr_method=config.method,
+        gr_interval=config.interval,
+        gr_probability=config.probability,
+        gr_reuse=config.reuse,
+    )
+
+
+class TrainerStepRunner(StepRunner):
+    """A `TimedTrainer` or `TimedGRTrainer` driven one optimizer step at a time, as its training loop does."""
+
+    def __init__(self, name: str, config: Config, spec: ModelSpec, seed: int = 0) -> None:
+        self.name = name
+        self.recorder = Recorder()
+        self._output_dir = tempfile.TemporaryDirectory(prefix="hf_gr_bench_")
+        args = _training_arguments(config, spec, self._output_dir.name)
+        trainer_class = TimedTrainer if config.kind == "plain" else TimedGRTrainer
+        self.trainer = trainer = trainer_class(model=make_model(spec, seed), args=args, recorder=self.recorder)
+        trainer.create_optimizer_and_scheduler(num_training_steps=args.max_steps)
+        self.model, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
+        trainer.model_wrapped = self.model
+        trainer.state.max_steps = args.max_steps
+        batches = make_batches(spec, config.accumulation, seed)
+        self.batches, self.num_items_in_batch = trainer.get_batch_samples(iter(batches), len(batches), args.device)
+
+    def step(self) -> tuple[bool, float]:
+        trainer, model, args = self.trainer, self.model, self.trainer.args
+        handler = trainer.callback_handler
+        trainer.current_gradient_accumulation_steps = len(self.batches)
+        trainer.control = handler.on_step_begin(args, trainer.state, trainer.control)
+        gr = isinstance(trainer, GRMixin) and trainer.gr_step_plan().kind == schedule.GR  # the plan it will run
+        step_calls = 0.0
+        for i, inputs in enumerate(self.batches):
+            last = i == len(self.batches) - 1
+            trainer.accelerator.gradient_state._set_sync_gradients(last)
+            with contextlib.nullcontext() if last else trainer.accelerator.no_sync(model):
+                start = time.perf_counter()
+                trainer.training_step(model, inputs, self.num_items_in_batch)
+                step_calls += time.perf_counter() - start
+            self.recorder.point("micro_batch_end")
+        if args.max_grad_norm > 0:
+            trainer._clip_grad_norm(model)
+        trainer.control = handler.on_pre_optimizer_step(args, trainer.state, trainer.control)
+        trainer.optimizer.step()
+        trainer.control = handler.on_optimizer_step(args, trainer.state, trainer.control)
+        trainer.lr_scheduler.step()
+        model.zero_grad()
+        trainer.state.global_step += 1
+        trainer.control = handler.on_step_end(args, trainer.state, trainer.control)
+        return gr, step_calls
+
+
+class PeerSAMRunner(StepRunner):
+    """The peer: `pytorch_optimizer.SAM` around `torch.optim.AdamW`, in its documented two-step usage.
+
+    Same model, data, AdamW settings and parameter groups (no decay on biases and norms) as the Trainer, the
+    same linear scheduler and clipping (of g2, before the base optimizer step), rho = r, its defaults otherwise
+    (adaptive=False; foreach=None, i.e. per-tensor loops on CPU). Its `first_step` counts as bookkeeping.
     """
-    global _memory_probe
+
+    def __init__(self, name: str, spec: ModelSpec, seed: int = 0) -> None:
+        from pytorch_optimizer import SAM
+
+        self.name = name
+        self.recorder = Recorder()
+        self.model = make_model(spec, seed)
+        self.model.train()
+        decay = set(Trainer.get_decay_parameter_names(None, self.model))  # the Trainer's grouping (uses no self)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if n in decay], "weight_decay": 0.3},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        self.optimizer = SAM(groups, torch.optim.AdamW, rho=GR_R, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+        self.scheduler = get_scheduler("linear", self.optimizer.base_optimizer, 0, 1_000_000)
+        self.batch = make_batches(spec, 1, seed)[0]
+
+    def _pass(self) -> None:
+        with self.recorder.timed_pass():
+            self.model(**self.batch).loss.backward()
+
+    def step(self) -> tuple[bool, float]:
+        start = time.perf_counter()
+        self._pass()
+        self.optimizer.first_step(zero_grad=True)
+        self._pass()
+        step_calls = time.perf_counter() - start
+        self.recorder.point("micro_batch_end")
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.second_step(zero_grad=True)
+        self.scheduler.step()
+        return True, step_calls
+
+
+def build_runner(name: str, spec: ModelSpec, seed: int = 0) -> StepRunner:
+    """The runner of configuration `name` (a key of `CONFIGS`)."""
+    config = CONFIGS[name]
+    if config.kind == "peer_sam":
+        return PeerSAMRunner(name, spec, seed)
+    return TrainerStepRunner(name, config, spec, seed)
+
+
+# ---- timing ----
+
+
+@dataclass
+class Timings:
+    """The measured cycles of every configuration, one per round, in round order."""
+
+    samples: dict[str, list[Sample]] = field(default_factory=dict)
+
+
+def time_configs(
+    names: list[str],
+    spec: ModelSpec,
+    rounds: int,
+    warmup: int,
+    cycle_steps: int = CYCLE_STEPS,
+    log: Callable[[str], None] | None = None,
+) -> Timings:
+    """Time `rounds` cycles of `cycle_steps` optimizer steps per configuration, interleaved, after `warmup` rounds.
+
+    Each round runs one cycle of every configuration, the order rotating by one every round. Between cycles (not
+    inside them) a garbage collection runs; `gc.freeze` keeps the collections inside a cycle short.
+    """
+    runners = [build_runner(name, spec) for name in names]
+    timings = Timings({name: [] for name in names})
     gc.collect()
+    gc.freeze()
+    try:
+        for round_index in range(warmup + rounds):
+            shift = round_index % len(runners)
+            for runner in runners[shift:] + runners[:shift]:
+                gc.collect()
+                sample = runner.cycle(cycle_steps)
+                if round_index >= warmup:
+                    timings.samples[runner.name].append(sample)
+            if log is not None:
+                kind = "warm-up" if round_index < warmup else "measured"
+                log(f"round {round_index + 1}/{warmup + rounds} ({kind}) done")
+    finally:
+        gc.unfreeze()
+    return timings
+
+
+def profile_cycle(name: str, spec: ModelSpec, steps: int = CYCLE_STEPS, top: int = 30) -> str:
+    """cProfile of one cycle of configuration `name` after a warm-up cycle: the `top` functions by own time."""
     runner = build_runner(name, spec)
-    peaks = {"bookkeeping": 0, "pass_start": 0}
+    runner.cycle(steps)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    sample = runner.cycle(steps)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return f"{name}: {steps} steps, {sample.gr_steps} GR steps, {sample.seconds:.3f} s (profiled)\n{text.getvalue()}"
 
-    def probe(point: str) -> None:
-        grads = [p.grad for p in runner.model.parameters() if p.grad is not None]
-        live = live_tensor_bytes(grads)
-        peaks["bookkeeping"] = max(peaks["bookkeeping"], live)
-        if point == "pass_start":
-            peaks["pass_start"] = max(peaks["pass_start"], live)
 
-    with instrumented():
-        for _ in range(warmup):
-            runner.step()
-        _memory_probe = probe
-        try:
-            for _ in range(steps):
-                runner.step()
-        finally:
-            _memory_probe = None
+# ---- memory ----
+
+
+def measure_memory(name: str, spec: ModelSpec, steps: int | None = None, warmup: int = 1) -> dict[str, float]:
+    """Run configuration `name` alone: its peak live tensor bytes at pass starts and at every point, peak RSS.
+
+    Objects that exist before the call are frozen (`gc.freeze`) and not counted: they are the same for every
+    configuration, and the counts get fast. Warm-up steps create the optimizer state first, so configurations
+    compare at the same state. The measured steps follow (default: one cycle for the cheaper modes, so that they
+    hold a GR step, else 2). Peak RSS is the process's high-water mark: meaningful only when the process ran
+    nothing else (`scripts/benchmark.py` runs each configuration in a subprocess).
+    """
+    config = CONFIGS[name]
+    if steps is None:
+        steps = CYCLE_STEPS if config.interval > 1 or config.probability < 1 else 2
+    gc.collect()
+    gc.freeze()  # what exists now is left out of the counts (and of the collections that precede each count)
+    try:
+        runner = build_runner(name, spec)
+        probe = MemoryProbe(runner.model)
+        runner.recorder.probe = probe
+        runner.cycle(warmup)
+        probe.enabled = True
+        sample = runner.cycle(steps)
+    finally:
+        gc.unfreeze()
     return {
-        "live_peak_bytes": float(peaks["bookkeeping"]),
-        "live_at_pass_start_bytes": float(peaks["pass_start"]),
+        "live_at_pass_start_bytes": float(probe.at_pass_start),
+        "live_peak_bytes": float(probe.at_any_point),
         "param_bytes": float(param_bytes(runner.model)),
         "peak_rss_bytes": float(peak_rss_bytes()),
+        "memory_gr_steps": float(sample.gr_steps),
     }
 
 
 # ---- summary ----
 
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def summarize(timings: Timings, memory: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Flat keys: per configuration median/min/max seconds, the ratios, the overhead split, memory ratios."""
-    out: dict[str, float] = {}
-    for name, values in timings.steps.items():
-        out[f"{name}_median_s"] = _median(values)
-        out[f"{name}_min_s"] = min(values)
-        out[f"{name}_max_s"] = max(values)
-        out[f"{name}_steps"] = float(len(values))
-
-    def ratio(a: str, b: str) -> float | None:
-        if a in timings.steps and b in timings.steps:
-            return out[f"{a}_median_s"] / out[f"{b}_median_s"]
-        return None
-
-    def paired(a: str, b: str) -> float | None:
-        if a in timings.steps and b in timings.steps:
-            return _median([x / y for x, y in zip(timings.steps[a], timings.steps[b])])
-        return None
-
-    pairs = {
+RATIOS: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
         "gr_a0.5_over_plain": ("gr_a0.5", "plain"),
         "gr_a1_over_plain": ("gr_a1", "plain"),
         "zero_over_plain": ("zero", "plain"),
@@ -448,52 +504,95 @@ def summarize(timings: Timings, memory: dict[str, dict[str, float]]) -> dict[str
         "gr_over_peer_sam": ("gr_a1", "peer_sam"),
         "gr_ga2_over_plain_ga2": ("gr_ga2", "plain_ga2"),
         "peer_sam_over_plain": ("peer_sam", "plain"),
+        "gr_p05_over_plain": ("gr_p05", "plain"),
+        "gr_interval4_over_plain": ("gr_interval4", "plain"),
+        "gr_reuse4_over_plain": ("gr_reuse4", "plain"),
+        "gr_p05_over_peer_sam": ("gr_p05", "peer_sam"),
+        "gr_reuse4_over_gr_interval4": ("gr_reuse4", "gr_interval4"),  # what the reuse correction costs
     }
-    for key, (a, b) in pairs.items():
-        value, value_paired = ratio(a, b), paired(a, b)
-        if value is not None:  # headline: the median of per-round ratios (robust to drift on a shared CPU)
-            out[key] = value_paired
-            out[f"{key}_of_medians"] = value
+)
+# the headline memory keys: extra_bytes_over_param_bytes{suffix} is the configuration's, against its baseline
+MEMORY_KEYS: Mapping[str, str] = MappingProxyType(
+    {"": "gr_a1", "_a05": "gr_a0.5", "_ga": "gr_ga2", "_reuse": "gr_reuse4"}
+)
+# measurement suffix: pass starts (the headline: what the activations build on), every probe point, peak RSS
+MEMORY_MEASURES: Mapping[str, str] = MappingProxyType(
+    {"": "live_at_pass_start_bytes", "_points": "live_peak_bytes", "_rss": "peak_rss_bytes"}
+)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _at_probability(samples: Mapping[str, list[Sample]], name: str, against: str) -> float | None:
+    """`name` over `against` with each round's GR fraction rescaled to exactly p (median over the rounds).
+
+    A round's cycle of `name` takes plain + f·(GR − plain) per step at realized fraction f; with the same round's
+    plain cycle this gives plain + p·(GR − plain), free of the luck of the draws.
+    """
+    if any(n not in samples for n in (name, against, "plain")):
+        return None
+    p = CONFIGS[name].probability
+    ratios = [
+        (plain.seconds + (x.seconds - plain.seconds) * p * x.steps / x.gr_steps) / y.seconds
+        for x, y, plain in zip(samples[name], samples[against], samples["plain"])
+        if x.gr_steps > 0
+    ]
+    return _median(ratios) if ratios else None
+
+
+def summarize(timings: Timings, memory: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Flat keys: per configuration seconds per step and its split, the ratios, GR fractions, memory ratios."""
+    out: dict[str, float] = {}
+    samples = {name: values for name, values in timings.samples.items() if values}
+    for name, values in samples.items():
+        per_step = [s.seconds / s.steps for s in values]
+        steps = sum(s.steps for s in values)
+        out[f"{name}_median_s"] = _median(per_step)
+        out[f"{name}_min_s"] = min(per_step)
+        out[f"{name}_max_s"] = max(per_step)
+        out[f"{name}_rounds"] = float(len(values))
+        out[f"{name}_steps"] = float(steps)
+        out[f"{name}_gr_fraction"] = sum(s.gr_steps for s in values) / steps  # realized, over the measured steps
+        out[f"{name}_passes_per_step"] = sum(s.passes for s in values) / steps
+        out[f"{name}_pass_median_s"] = _median([s.pass_seconds / s.steps for s in values])
+        out[f"{name}_bookkeeping_median_s"] = _median(
+            [(s.step_call_seconds - s.pass_seconds) / s.steps for s in values]
+        )
+        out[f"{name}_optimizer_and_rest_median_s"] = _median(
+            [(s.seconds - s.step_call_seconds) / s.steps for s in values]
+        )
+        out[f"{name}_overhead_fraction"] = out[f"{name}_bookkeeping_median_s"] / out[f"{name}_median_s"]
+
+    for key, (a, b) in RATIOS.items():
+        if a in samples and b in samples:  # headline: the median of per-round ratios (robust to drift)
+            out[key] = _median([x.seconds / y.seconds for x, y in zip(samples[a], samples[b])])
+            out[f"{key}_of_medians"] = out[f"{a}_median_s"] / out[f"{b}_median_s"]
     gr_ratios = [out[k] for k in ("gr_a0.5_over_plain", "gr_a1_over_plain") if k in out]
     if gr_ratios:
         out["gr_over_plain"] = max(gr_ratios)  # the worse of α = 0.5 and α = 1
-
-    fractions = []
-    for name, splits in timings.split.items():
-        if CONFIGS[name].kind != "gr" or CONFIGS[name].method != "finite_difference" or name == "zero":
-            continue
-        step = out[f"{name}_median_s"]
-        for part in (*BOOKKEEPING_FUNCTIONS, "pass", "bookkeeping", "optimizer_and_rest"):
-            out[f"{name}_{part}_median_s"] = _median([s.get(part, 0.0) for s in splits])
-        out[f"{name}_overhead_fraction"] = out[f"{name}_bookkeeping_median_s"] / step
-        if CONFIGS[name].accumulation == 1:
-            fractions.append(out[f"{name}_overhead_fraction"])
+    fractions = [out[f"{n}_overhead_fraction"] for n in ("gr_a0.5", "gr_a1") if n in samples]
     if fractions:
         out["overhead_fraction"] = max(fractions)
+    for against in ("plain", "peer_sam"):
+        value = _at_probability(samples, "gr_p05", against)
+        if value is not None:
+            out[f"gr_p05_over_{against}_at_p"] = value
 
     for name, values in memory.items():
         for key, value in values.items():
             out[f"{name}_{key}"] = value
-
-    def extra(a: str, b: str, key: str) -> float | None:
-        if a in memory and b in memory:
-            return (memory[a][key] - memory[b][key]) / memory[b]["param_bytes"]
-        return None
-
-    for suffix, key in (
-        ("", "live_peak_bytes"),
-        ("_at_pass", "live_at_pass_start_bytes"),
-        ("_rss", "peak_rss_bytes"),
-    ):
-        for name in ("gr_a0.5", "gr_a1", "zero", "exact", "peer_sam"):
-            value = extra(name, "plain", key)
+    for name, values in memory.items():
+        baseline = memory.get(CONFIGS[name].baseline)
+        if baseline is None or name == CONFIGS[name].baseline:
+            continue
+        for suffix, measure in MEMORY_MEASURES.items():
+            extra = (values[measure] - baseline[measure]) / baseline["param_bytes"]
+            out[f"{name}_extra_bytes_over_param_bytes{suffix}"] = extra
+    for key_suffix, name in MEMORY_KEYS.items():
+        for suffix in MEMORY_MEASURES:
+            value = out.get(f"{name}_extra_bytes_over_param_bytes{suffix}")
             if value is not None:
-                out[f"{name}_extra_bytes_over_param_bytes{suffix}"] = value
-        gr_values = [out.get(f"{n}_extra_bytes_over_param_bytes{suffix}") for n in ("gr_a0.5", "gr_a1")]
-        gr_values = [v for v in gr_values if v is not None]
-        if gr_values:
-            out[f"extra_bytes_over_param_bytes{suffix}"] = max(gr_values)
-        value = extra("gr_ga2", "plain_ga2", key)
-        if value is not None:
-            out[f"extra_bytes_over_param_bytes_ga{suffix}"] = value
+                out[f"extra_bytes_over_param_bytes{key_suffix}{suffix}"] = value
     return out
