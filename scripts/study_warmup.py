@@ -144,7 +144,7 @@ POST_EVAL_LOCK = threading.Lock()  # one at a time: transformers' lazy imports a
 
 def post_eval(run_dir: Path, seed: int, train_rows: int) -> dict[str, float]:
     """Error and loss of the saved model on test rows 0–999 (pixel-exact) and on its training subset without
-    augmentation (dropout off), with train.py's own preprocessing."""
+    augmentation (eval mode), with train.py's own preprocessing."""
     with POST_EVAL_LOCK:
         return _post_eval(run_dir, seed, train_rows)
 
@@ -203,7 +203,7 @@ def record(settings: dict[str, Any], config: str, seed: int, run_dir: Path, epoc
         "final_eval_error": 100 * results["eval_error_rate"],
         "best_eval_error": min(errors + [100 * results["eval_error_rate"]]),
         "eval_loss": results["eval_loss"],
-        "train_loss": statistics.fmean(tail),  # logged (augmented, dropout on) over the last 10 % of steps
+        "train_loss": statistics.fmean(tail),  # logged (augmented, training mode), last 10 % of steps
         "train_loss_mean": results["train_loss"],  # the Trainer's average over the whole run
         **post_eval(run_dir, seed, settings["train_rows"]),
         "wall_s": wall_s if wall_s is not None else results["train_runtime"],
@@ -697,7 +697,7 @@ time. `study-cpu.json` holds the settings and one record per run (written as eac
   one error rate ≤ 0.5 points), and after training on the 1,000 pixel-exact rows 0–999 (standard error ~1.5
   points; rows 1000–9999 are decoded from quality-75 JPEGs) and on the training subset without augmentation.
 - Model: the paper's CIFAR ViT (32×32, patch 4, pre-LN, learned position embedding, zero-initialized head)
-  with the overrides `{settings["model"]}` (the paper's dropout 0.1 is off unless listed: see the pilot).
+  with the overrides `{settings["model"]}` (dropout: the paper's 0.1 unless set there; see the pilot).
 - Optimization: AdamW (β 0.9/0.999, ε 1e-8), lr {settings["learning_rate"]:g}, weight decay
   {settings["weight_decay"]:g}, batch {settings["batch_size"]}, {settings["epochs"]} epochs = {plan["steps"]}
   steps, linear LR warmup over W = {plan["warmup_steps"]} steps ({100 * settings["warmup_fraction"]:.0f} %, the
@@ -707,10 +707,10 @@ time. `study-cpu.json` holds the settings and one record per run (written as eac
   (a GR step every 4th step, LookSAM-style reuse in between), both with zero-warmup.
 - Equal-compute baseline: plain AdamW for `epochs × (zero-warmup's / plain's training time)` of the same seed
   (the Trainer's `train_runtime`, measured while the two ran side by side), same warmup share and schedule.
-- Seeds {seeds}: the seed sets the initial weights, the training subset, the data order and dropout. Diagnostics
+- Seeds {seeds}: the seed sets the initial weights, the training subset and the data order. Diagnostics
   (`--gr_diagnostics_steps {settings["diagnostics_steps"]}`) every {settings["diagnostics_steps"]} steps.
-- Training loss = the logged loss (augmented, dropout on; the loss at θ for GR steps) over the last 10 % of the
-  steps; "clean train error" = the final model on its training subset, no augmentation, dropout off.
+- Training loss = the logged loss (augmented, training mode; the loss at θ for GR steps) over the last 10 % of the
+  steps; "clean train error" = the final model on its training subset, no augmentation, eval mode.
 
 ## Pilot (plain AdamW only, seed 0): choosing the regime
 
