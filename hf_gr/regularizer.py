@@ -66,20 +66,23 @@ class GradientRegularizer:
         self.seed = int(seed if seed is not None else getattr(self.args, "seed", 0) or 0)
         self.warmup_steps = warmup_steps if warmup_steps is not None else self.args.gr_warmup_steps
         self.completed_steps = 0  # optimizer steps taken through `backward` (custom loops)
+        self.warmup_step = 0  # of which the LR scheduler took (those the fp16 scaler did not skip)
+        self._step_ended = False
         self.reuse = ReuseState()
         self.metrics: Callable[[str, torch.Tensor], None] | None = None  # set while a diagnostic step records
         self.diagnostics_scale = 1.0  # divides raw norms into one batch's (loss scale over accumulation)
 
     # ---- custom loops ----
 
-    def plan(self, step: int) -> StepPlan:
-        """The plan of optimizer step `step` for a custom loop (W = `warmup_steps`)."""
+    def plan(self, step: int, warmup_step: int | None = None) -> StepPlan:
+        """The plan of optimizer step `step` for a custom loop (W = `warmup_steps`; the warmup at `warmup_step`,
+        the LR schedule's count, which skips the steps the fp16 scaler skipped; default `step`)."""
         if self.args.gr_warmup_strategy != "none" and self.warmup_steps is None:
             raise ValueError(
                 f"gr_warmup_strategy={self.args.gr_warmup_strategy!r} needs the warmup length: set "
                 "gr_warmup_steps (or pass warmup_steps=) to your LR warmup in optimizer steps."
             )
-        fraction = schedule.warmup_fraction(step, self.warmup_steps or 0)
+        fraction = schedule.warmup_fraction(step if warmup_step is None else warmup_step, self.warmup_steps or 0)
         gr_lambda, gr_r = schedule.warmup_coefficients(
             self.args.gr_warmup_strategy, self.args.gr_lambda, self.args.gr_r, fraction
         )
@@ -96,10 +99,11 @@ class GradientRegularizer:
     def backward(self, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Use in place of `accelerator.backward(loss_fn())`: adds this micro-batch's GR gradient to `.grad`.
 
-        `loss_fn` runs the forward pass and returns the loss; it is called twice on a GR step. The step counter
-        (for the warmup and the cheaper modes) advances on every micro-batch that syncs gradients.
+        `loss_fn` runs the forward pass and returns the loss; it is called twice on a GR step. The step counters
+        (for the warmup and the cheaper modes) advance after every micro-batch that syncs gradients.
         """
-        plan = self.plan(self.completed_steps)
+        self._count_finished_step()
+        plan = self.plan(self.completed_steps, self.warmup_step)
         last = bool(getattr(self.accelerator, "sync_gradients", True))
 
         def run_pass() -> torch.Tensor:
@@ -118,15 +122,27 @@ class GradientRegularizer:
             loss = self.step(run_pass, plan, last)
         if last:
             self.completed_steps += 1
+            self._step_ended = True
         return loss
 
+    def _count_finished_step(self) -> None:
+        """Once the optimizer has stepped: count the step on the LR schedule too, unless the fp16 scaler skipped it."""
+        if self._step_ended:
+            self._step_ended = False
+            if not getattr(self.accelerator, "optimizer_step_was_skipped", False):
+                self.warmup_step += 1
+            self.start_step()
+
     def state_dict(self) -> dict[str, Any]:
-        """The step counter and the kept reuse direction (for `accelerator.register_for_checkpointing`)."""
-        return {"completed_steps": self.completed_steps, **self.reuse.state_dict()}
+        """The step counters and the kept reuse direction (for `accelerator.register_for_checkpointing`)."""
+        self._count_finished_step()
+        return {"completed_steps": self.completed_steps, "warmup_step": self.warmup_step, **self.reuse.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
         self.completed_steps = int(state.get("completed_steps", 0))
+        self.warmup_step = int(state.get("warmup_step", self.completed_steps))
+        self._step_ended = False
         self.reuse.load_state_dict(state)
 
     # ---- one micro-batch ----

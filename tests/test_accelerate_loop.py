@@ -274,3 +274,31 @@ def test_example_script_under_torchrun(ddp_results):
     rank0, rank1 = ddp_results["script_per_rank"]
     assert rank0["steps"] == rank1["steps"] == 1437 // 32 // 2  # the data is sharded: half the steps per epoch
     assert rank0["eval_accuracy"] == rank1["eval_accuracy"] > 0.5  # evaluated on the gathered predictions
+
+
+def test_warmup_follows_the_lr_schedule_when_the_fp16_scaler_skips_a_step():
+    """A step the scaler skips moves neither the LR schedule nor the GR warmup (as in GRTrainer)."""
+    accelerator = Accelerator(cpu=True)
+    accelerator.native_amp = True  # accelerate makes no GradScaler on CPU; torch's CPU one drives the same path
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    model = TinyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    regularizer = GradientRegularizer(model, accelerator, GRArguments(gr_warmup_strategy="zero", gr_warmup_steps=3))
+    data = DictDataset(64)
+    passes = []
+    for step in range(6):
+        batch = data.batch(8 * step, 8)
+
+        def loss(batch=batch, step=step):
+            value = model(**batch)["loss"]
+            return value * float("inf") if step == 1 else value
+
+        before = model.forward_calls
+        regularizer.backward(loss)
+        passes.append(model.forward_calls - before)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert accelerator.scaler.get_scale() == 2.0**9  # step 1 was skipped
+    assert passes == [1, 1, 1, 1, 2, 2]  # GR from step 4 = LR-schedule step 3, not from step 3
+    assert regularizer.state_dict()["warmup_step"] == 5 and regularizer.completed_steps == 6
