@@ -1,6 +1,5 @@
 """GRDiagnosticsCallback: logged values against independent computations; nothing extra when off."""
 
-import gc
 import math
 
 import numpy as np
@@ -11,6 +10,7 @@ from transformers import TrainerCallback
 from hf_gr import GRTrainer
 from hf_gr.diagnostics import ADAPTIVE_LR_KEYS, GRADIENT_KEYS, adaptive_lr_stats
 
+from benchmarking import live_tensor_bytes
 from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, grad_at, make_args
 
 R, STEPS = 0.1, 3
@@ -149,21 +149,11 @@ def test_sgd_logs_gradient_diagnostics_only(tmp_path):
     assert all(k not in e for e in entries for k in ADAPTIVE_LR_KEYS)
 
 
-def _live_tensor_bytes() -> int:
-    gc.collect()
-    storages = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
-            storage = obj.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
-
-
 class _MeasuringTrainer(GRTrainer):
     """Live tensor bytes at each pass's loss: pass 2 minus pass 1 is what GR holds there, `.grad` included."""
 
     def compute_loss(self, model, inputs, *args, **kwargs):
-        self.live.append(_live_tensor_bytes())
+        self.live.append(live_tensor_bytes(p.grad for p in model.parameters() if p.grad is not None))
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
