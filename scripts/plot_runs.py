@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Plot GR runs side by side: eval error vs epoch, ‖g1‖ and the adaptive-LR variance vs step.
+"""Plot GR runs side by side: eval error vs epoch, ‖g1‖ and the adaptive-LR log-variance vs step.
 
     python scripts/plot_runs.py RUN_DIR [RUN_DIR ...] [--out fig.png]
 
@@ -106,7 +106,7 @@ def figure(runs: list[dict[str, Any]]) -> plt.Figure:
         history = run["history"]
         axes[0].plot(*eval_error(history), color=colour, label=run["label"], marker=".")
         axes[1].plot(*series(history, "gr_grad_norm"), color=colour, label=run["label"])
-        axes[2].plot(*series(history, "adaptive_lr_var"), color=colour, label=run["label"])
+        axes[2].plot(*series(history, "adaptive_lr_log_var"), color=colour, label=run["label"])
         if run["warmup_end"] is not None:
             steps_per_epoch = _steps_per_epoch(history)
             for ax, scale in zip(axes, (1 / steps_per_epoch if steps_per_epoch else None, 1, 1)):
@@ -114,13 +114,13 @@ def figure(runs: list[dict[str, Any]]) -> plt.Figure:
                     ax.axvspan(0, run["warmup_end"] * scale, color=colour, alpha=0.08)
     axes[0].set(xlabel="epoch", ylabel="eval error (%)", title="Eval error")
     axes[1].set(xlabel="step", ylabel="‖∇L‖ (gr_grad_norm)", title="Gradient norm")
-    axes[2].set(xlabel="step", ylabel="Var[lr / (√v̂ + ε)]", title="Adaptive-LR variance")
+    axes[2].set(xlabel="step", ylabel="Var[ln 1/(√v̂ + ε)], active coordinates", title="Adaptive-LR log-variance")
     for ax, kind in zip(axes, ("eval", "diagnostics", "diagnostics")):
         ax.grid(alpha=0.3)
         if not any(len(line.get_xdata()) for line in ax.get_lines()):
             ax.text(0.5, 0.5, NO_DATA[kind], transform=ax.transAxes, ha="center", va="center", color="0.4")
             ax.set_yticks([])
-        elif ax is not axes[0]:
+        elif ax is axes[1]:
             ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()

@@ -40,6 +40,7 @@ from transformers.models.vit import ViTImageProcessorPil
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_gr import GRTrainer, GRTrainingArguments
+from hf_gr.arguments import optimizer_name
 
 import image_data as data
 import paper_vit as modeling
@@ -306,7 +307,7 @@ def check_model_available(model_args: ModelArguments) -> None:
 
 def optimizer_override(model_args: ModelArguments, training_args: GRTrainingArguments) -> tuple | None:
     """`(DecoupledRMSprop, kwargs)` for `--optim rmsprop` with decoupled weight decay, else None (the Trainer's)."""
-    if str(getattr(training_args.optim, "value", training_args.optim)) != "rmsprop":
+    if optimizer_name(training_args) != "rmsprop":
         return None
     if not model_args.decoupled_weight_decay:
         return None

@@ -109,16 +109,23 @@ def test_a_replica_without_gradient_direction_still_syncs(ddp_results):
 
 
 def test_diagnostics_are_replica_averaged(ddp_results):
+    """Step 1's ‖g1‖, ‖g2‖ and cos(g1, g2), each replica's own at the initial parameters, averaged over replicas."""
     model, data = TinyNet(), DictDataset(48)
     params = {n: p.detach() for n, p in model.named_parameters()}
-    norms = []
+    per_rank = []
     for rank in range(WORLD):  # step 1: rank r's batch r at the initial parameters
-        g1 = grad_at(model, params, data.batch(rank * BATCH, BATCH))
-        norms.append(float(torch.sqrt(sum((g**2).sum() for g in g1))))
+        batch = data.batch(rank * BATCH, BATCH)
+        g1 = grad_at(model, params, batch)
+        n1 = torch.sqrt(sum((g**2).sum() for g in g1))
+        g2 = grad_at(model, {n: p + R / n1 * g for (n, p), g in zip(params.items(), g1)}, batch)
+        n2 = torch.sqrt(sum((g**2).sum() for g in g2))
+        cosine = sum((a * b).sum() for a, b in zip(g1, g2)) / (n1 * n2)
+        per_rank.append([float(n1), float(n2), float(cosine)])
+    want = torch.tensor(per_rank).mean(0).tolist()
     (entry,) = [e for e in ddp_results["gr_diagnostics"]["log_history"] if e.get("step") == 1 and "gr_grad_norm" in e]
-    assert entry["gr_grad_norm"] == pytest.approx(sum(norms) / WORLD, rel=1e-5)
-    assert norms[0] != pytest.approx(norms[1], rel=1e-3)  # the replicas differ: the mean is a real average
-    assert -1 <= entry["gr_cosine"] <= 1 and entry["gr_perturbed_grad_norm"] > 0
+    got = [entry["gr_grad_norm"], entry["gr_perturbed_grad_norm"], entry["gr_cosine"]]
+    assert got == pytest.approx(want, rel=1e-5)
+    assert per_rank[0][0] != pytest.approx(per_rank[1][0], rel=1e-3)  # the replicas differ: the mean is a real average
 
 
 def test_synced_perturbation_differs_from_per_replica(ddp_results):

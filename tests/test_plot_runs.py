@@ -110,3 +110,13 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
         assert ("trainer_state.json" if argv else "run_dirs") in lines[0]
+
+
+def test_the_third_panel_is_the_adaptive_lr_log_variance(two_runs):
+    plot_runs = _load_script()
+    runs = [plot_runs.read_run(d) for d in two_runs]
+    fig = plot_runs.figure(runs)
+    (line, _) = fig.axes[2].get_lines()
+    logged = [e["adaptive_lr_log_var"] for e in runs[0]["history"] if "adaptive_lr_log_var" in e]
+    assert list(line.get_ydata()) == pytest.approx(logged) and logged
+    assert "log-variance" in fig.axes[2].get_title()
