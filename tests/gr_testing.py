@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
 import torch
@@ -77,6 +78,13 @@ def make_args(tmp_path, **overrides) -> GRTrainingArguments:
     return GRTrainingArguments(**defaults)
 
 
+def step_trainer(tmp_path, model: nn.Module, **overrides) -> GRTrainer:
+    """A GRTrainer whose `training_step` can be called directly (outside `train()`), as the loop would."""
+    trainer = GRTrainer(model=model, args=make_args(tmp_path, **overrides))
+    trainer.current_gradient_accumulation_steps = overrides.get("gradient_accumulation_steps", 1)
+    return trainer
+
+
 def cross_entropy(out: dict, batch: dict) -> torch.Tensor:
     return F.cross_entropy(out["logits"], batch["labels"])
 
@@ -145,3 +153,10 @@ def reference_reuse_direction(g_gr: list[torch.Tensor], g1: list[torch.Tensor]) 
     c_perp = c - (c @ flat_g1) / (flat_g1 @ flat_g1) * flat_g1
     u = c_perp / c_perp.norm()
     return list(torch.split(u, [x.numel() for x in g1])), float(c_perp.norm() / flat_g1.norm())
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback, for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

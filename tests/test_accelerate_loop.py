@@ -3,7 +3,6 @@
 `GRTrainer`, and the example `scripts/train_accelerate.py`."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from gr_testing import (
     DictDataset,
     SequentialGRTrainer,
     TinyNet,
+    free_port,
     grad_at,
     grads_of,
     make_args,
@@ -236,19 +236,13 @@ def test_example_script_under_accelerate_launch():
 # ---- two processes (torchrun, gloo) ----
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("accelerate_ddp")
     out = tmp / "results.pt"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(Path(__file__).parent / "distributed" / "accelerate_loop_runs.py"),
+           "--master_port", str(free_port()), str(Path(__file__).parent / "distributed" / "accelerate_loop_runs.py"),
            str(out), str(tmp)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_distributed import _free_port
 from torch.func import functional_call
 
-from gr_testing import max_rel_err, reference_reuse_direction
+from gr_testing import free_port, max_rel_err, reference_reuse_direction
 
 WORLD, BATCH, STEPS, LR, R = 2, 4, 3, 0.5, 0.1
 SCRIPT = Path(__file__).parent / "distributed" / "fsdp2_gr_runs.py"
@@ -36,7 +35,7 @@ def fsdp_results(tmp_path_factory):
     out = tmp / "results.pt"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), str(out), str(llama), str(tmp)]  # fmt: skip
+           "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), str(out), str(llama), str(tmp)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False), llama

@@ -17,20 +17,15 @@ from gr_testing import (
     max_rel_err,
     params_of,
     reference_gr_grad,
+    step_trainer,
 )
-
-
-def _trainer(tmp_path, model, **overrides) -> GRTrainer:
-    trainer = GRTrainer(model=model, args=make_args(tmp_path, **overrides))
-    trainer.current_gradient_accumulation_steps = overrides.get("gradient_accumulation_steps", 1)
-    return trainer
 
 
 @pytest.mark.parametrize("gr_lambda", [0.05, 0.1, 0.25])  # α = 0.5, 1 (SAM), 2.5
 def test_two_pass_gradient_matches_reference(tmp_path, gr_lambda):
     model = TinyNet(dropout=0.3)
     batch = DictDataset(16).batch(0, 16)
-    trainer = _trainer(tmp_path, model, gr_lambda=gr_lambda, gr_r=0.1)
+    trainer = step_trainer(tmp_path, model, gr_lambda=gr_lambda, gr_r=0.1)
     torch.manual_seed(123)
     trainer.training_step(model, dict(batch))
     want = reference_gr_grad(model, batch, gr_lambda, 0.1, seed=123)
@@ -46,20 +41,20 @@ def test_finite_difference_approaches_exact_gradient_linearly_in_r(tmp_path):
     errors = []
     for r in (1e-1, 1e-2, 1e-3):
         model.zero_grad()
-        _trainer(tmp_path, model, gr_lambda=gr_lambda, gr_r=r).training_step(model, dict(batch))
+        step_trainer(tmp_path, model, gr_lambda=gr_lambda, gr_r=r).training_step(model, dict(batch))
         errors.append(max_rel_err(grads_of(model), exact))
     for bigger, smaller in zip(errors, errors[1:]):
         assert 5 < bigger / smaller < 20, errors  # O(r): ten times smaller r, about ten times smaller error
     # The trainer's exact mode (double backprop) is the same oracle.
     model.zero_grad()
-    _trainer(tmp_path, model, gr_lambda=gr_lambda, gr_method="exact").training_step(model, dict(batch))
+    step_trainer(tmp_path, model, gr_lambda=gr_lambda, gr_method="exact").training_step(model, dict(batch))
     assert max_rel_err(grads_of(model), exact) < 1e-10
 
 
 def test_gradient_accumulation_is_mean_of_micro_batch_gr_gradients(tmp_path):
     model = TinyNet()
     data = DictDataset(32)
-    trainer = _trainer(tmp_path, model, gr_lambda=0.05, gr_r=0.1, gradient_accumulation_steps=4)
+    trainer = step_trainer(tmp_path, model, gr_lambda=0.05, gr_r=0.1, gradient_accumulation_steps=4)
     for i in range(4):
         trainer.training_step(model, data.batch(8 * i, 8))
     per_batch = [reference_gr_grad(model, data.batch(8 * i, 8), 0.05, 0.1) for i in range(4)]
@@ -103,7 +98,7 @@ def test_lambda_zero_is_the_stock_trainer_bit_for_bit(tmp_path):
 def test_parameters_restored_bit_exactly(tmp_path):
     model = TinyNet(dropout=0.2)
     before = params_of(model)
-    _trainer(tmp_path, model).training_step(model, DictDataset(8).batch(0, 8))
+    step_trainer(tmp_path, model).training_step(model, DictDataset(8).batch(0, 8))
     assert all(torch.equal(a, b) for a, b in zip(params_of(model), before))
     assert model.forward_calls == 2
 
@@ -132,7 +127,7 @@ def test_both_passes_see_the_same_dropout_mask(tmp_path, monkeypatch):
     batch = DictDataset(16).batch(0, 16)
     # With no perturbation (θ + ε replaced by θ), pass 2 must reproduce pass 1: g1 + α·(g2 − g1) = g1 exactly.
     monkeypatch.setattr(gradient, "perturb_", lambda params, grads, r, divisor: None)
-    trainer = _trainer(tmp_path, model, gr_lambda=0.05, gr_r=0.1)
+    trainer = step_trainer(tmp_path, model, gr_lambda=0.05, gr_r=0.1)
     torch.manual_seed(7)
     trainer.training_step(model, dict(batch))
     gr_grads = grads_of(model)
@@ -149,7 +144,7 @@ def test_both_passes_see_the_same_dropout_mask(tmp_path, monkeypatch):
 def test_label_smoothing_with_gr(tmp_path):
     model = TinyNet()
     batch = DictDataset(16).batch(0, 16)
-    _trainer(tmp_path, model, label_smoothing_factor=0.1).training_step(model, dict(batch))
+    step_trainer(tmp_path, model, label_smoothing_factor=0.1).training_step(model, dict(batch))
 
     def smoothed(out, b):
         return F.cross_entropy(out["logits"], b["labels"], label_smoothing=0.1)
@@ -175,7 +170,7 @@ def test_frozen_parameters_are_left_alone(tmp_path):
     model.fc1.weight.requires_grad_(False)
     before = model.fc1.weight.detach().clone()
     batch = DictDataset(16).batch(0, 16)
-    _trainer(tmp_path, model).training_step(model, dict(batch))
+    step_trainer(tmp_path, model).training_step(model, dict(batch))
     assert model.fc1.weight.grad is None and torch.equal(model.fc1.weight, before)
     assert max_rel_err(grads_of(model), reference_gr_grad(model, batch, 0.1, 0.1)) < 1e-6
 
@@ -268,7 +263,7 @@ def test_batchnorm_statistics_updated_once(tmp_path):
     reference.load_state_dict(model.state_dict())
     reference.train()
     reference(**batch)  # one forward at θ: what pass 1 does to the running statistics
-    _trainer(tmp_path, model).training_step(model, dict(batch))
+    step_trainer(tmp_path, model).training_step(model, dict(batch))
     assert torch.equal(model.norm.running_mean, reference.norm.running_mean)
     assert torch.equal(model.norm.running_var, reference.norm.running_var)
     assert int(model.norm.num_batches_tracked) == 1
@@ -278,7 +273,7 @@ def test_fp16_loss_scaling(tmp_path):
     """A loss-scaled g1 gives the same ε (the scale cancels); `.grad` holds the scaled GR gradient."""
     model = TinyNet()
     batch = DictDataset(16).batch(0, 16)
-    trainer = _trainer(tmp_path, model, gr_lambda=0.05)
+    trainer = step_trainer(tmp_path, model, gr_lambda=0.05)
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     trainer.training_step(model, dict(batch))
     scaled = [g / 1024.0 for g in grads_of(model)]
@@ -309,7 +304,7 @@ def test_parameters_without_a_gradient_are_skipped(tmp_path):
     model = TinyNet()
     model.unused = torch.nn.Parameter(torch.ones(4))  # trainable, but never in the graph
     batch = DictDataset(16).batch(0, 16)
-    _trainer(tmp_path, model).training_step(model, dict(batch))
+    step_trainer(tmp_path, model).training_step(model, dict(batch))
     assert model.unused.grad is None and torch.equal(model.unused, torch.ones(4))
     got = [p.grad for n, p in model.named_parameters() if n != "unused"]
     same_weights = TinyNet()  # seed 0, as `model` before the step

@@ -19,14 +19,8 @@ from gr_testing import (
     max_rel_err,
     params_of,
     reference_gr_grad,
+    step_trainer,
 )
-
-
-def _trainer(tmp_path, model, **overrides) -> GRTrainer:
-    trainer = GRTrainer(model=model, args=make_args(tmp_path, **overrides))
-    trainer.current_gradient_accumulation_steps = overrides.get("gradient_accumulation_steps", 1)
-    return trainer
-
 
 # ---- λ and r are read at every step ----
 
@@ -55,7 +49,7 @@ class _RaiseInSecondPass(Exception):
 def test_raise_in_pass_two_keeps_the_accumulated_gradient_exactly(tmp_path, where):
     model = TinyNet()
     data = DictDataset(32)
-    trainer = _trainer(tmp_path, model, gr_lambda=0.05, gradient_accumulation_steps=2)
+    trainer = step_trainer(tmp_path, model, gr_lambda=0.05, gradient_accumulation_steps=2)
     trainer.training_step(model, data.batch(0, 8))  # micro-batch 1 accumulates A
     accumulated = grads_of(model)
     before = params_of(model)
@@ -267,7 +261,7 @@ class _TiedNet(torch.nn.Module):
 def test_tied_weights(tmp_path):
     model = _TiedNet()
     batch = DictDataset(16).batch(0, 16)
-    _trainer(tmp_path, model, gr_lambda=0.05).training_step(model, dict(batch))
+    step_trainer(tmp_path, model, gr_lambda=0.05).training_step(model, dict(batch))
     assert len(list(model.parameters())) == 4  # the tied weight once
     assert max_rel_err(grads_of(model), reference_gr_grad(model, batch, 0.05, 0.1)) < 1e-6
 
@@ -302,7 +296,7 @@ def test_a_gradient_that_arrives_in_parts(tmp_path, gr_lambda):
     model = _TwoSegmentNet()
     batch = DictDataset(16).batch(0, 16)
     batch["x"].requires_grad_(True)  # reentrant checkpointing needs an input that requires grad
-    _trainer(tmp_path, model, gr_lambda=gr_lambda).training_step(model, dict(batch))
+    step_trainer(tmp_path, model, gr_lambda=gr_lambda).training_step(model, dict(batch))
     model.checkpointing = False  # the same function, without the segments, for the reference
     want = reference_gr_grad(model, {k: v.detach() for k, v in batch.items()}, gr_lambda, 0.1)
     assert max_rel_err(grads_of(model), want) < 1e-6
@@ -319,7 +313,7 @@ def test_bf16_autocast_gr_gradient_matches_a_float64_reference(tmp_path):
     """A trainer that skipped GR under bf16 (the plain gradient) is far outside the tolerance: r is large here."""
     model = TinyNet(hidden=32)
     batch = DictDataset(32).batch(0, 32)
-    trainer = _trainer(tmp_path, model, bf16=True, gr_lambda=1.0, gr_r=1.0)
+    trainer = step_trainer(tmp_path, model, bf16=True, gr_lambda=1.0, gr_r=1.0)
     assert trainer.accelerator.mixed_precision == "bf16"
     trainer.training_step(model, dict(batch))
     reference = TinyNet(hidden=32).double()
@@ -334,7 +328,8 @@ def test_first_term_normalized_matches_the_official_formula(tmp_path):
     """gr_first_term='normalized': g = (1 − α)·g1/‖g1‖ + α·g2 (the official code's default), from scratch."""
     model = TinyNet()
     batch = DictDataset(16).batch(0, 16)
-    _trainer(tmp_path, model, gr_lambda=0.05, gr_r=0.1, gr_first_term="normalized").training_step(model, dict(batch))
+    trainer = step_trainer(tmp_path, model, gr_lambda=0.05, gr_r=0.1, gr_first_term="normalized")
+    trainer.training_step(model, dict(batch))
     params = {n: p.detach() for n, p in model.named_parameters()}
     g1 = grad_at(model, params, batch)
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in g1))

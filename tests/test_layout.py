@@ -112,12 +112,18 @@ def _tiny_llama():
     return LlamaForCausalLM(config)
 
 
-def test_renamed_checkpoint_keys_are_loaded_into_the_existing_model(tmp_path, monkeypatch):
+def _saved_shifted_vit(folder):
+    """A tiny ViT whose weights differ from a fresh one's, saved to `folder` (with the renamed keys)."""
     saved = _tiny_vit()
     with torch.no_grad():
         for p in saved.parameters():
             p.add_(1.0)
-    saved.save_pretrained(tmp_path)
+    saved.save_pretrained(folder)
+    return saved
+
+
+def test_renamed_checkpoint_keys_are_loaded_into_the_existing_model(tmp_path, monkeypatch):
+    saved = _saved_shifted_vit(tmp_path)
     target = _tiny_vit()
     files = checkpoint.checkpoint_files(str(tmp_path))
     assert checkpoint.skipped_keys(target, files)  # the bug: the stock loader would skip these
@@ -138,11 +144,7 @@ def test_checkpoints_the_stock_loader_reads_whole_take_the_stock_path(tmp_path):
 
 def test_stock_trainer_drops_renamed_vit_weights(tmp_path):
     """The upstream bug itself (transformers#43701): if this starts passing, the workaround can go."""
-    saved = _tiny_vit()
-    with torch.no_grad():
-        for p in saved.parameters():
-            p.add_(1.0)
-    saved.save_pretrained(tmp_path)
+    saved = _saved_shifted_vit(tmp_path)
     target = _tiny_vit()
     trainer = Trainer(model=target, args=make_args(tmp_path))
     trainer._load_from_checkpoint(str(tmp_path))
