@@ -34,7 +34,6 @@ GR_STATE_NAME = "gr_state.pt"
 # The Trainer internals GR relies on; `tests/test_trainer_internals.py` checks that they still exist.
 TRAINER_INTERNALS = (
     "current_gradient_accumulation_steps",
-    "is_distributed_loading_by_transformers",
     "_load_from_checkpoint",
     "_load_best_model",
 )
@@ -98,7 +97,9 @@ class GRMixin:
                 "`fsdp_version: 2` in the accelerate config (configs/accelerate/fsdp2.yaml) or "
                 "fsdp_config={'fsdp_version': 2}."
             )
-        if self.is_distributed_loading_by_transformers and not _is_fsdp_only(self.model):
+        # What the Trainer itself reads (transformers >= 5.24); older versions shard nothing at load time.
+        loaded_distributed = getattr(self.model, "is_distributed_loading_by_transformers", False)
+        if loaded_distributed and not _is_fsdp_only(self.model):
             raise ValueError(
                 "GR does not support models sharded or tensor-parallel at load time (`tp_plan`/`device_mesh`) "
                 "other than plain FSDP2 (`DistributedConfig(fsdp_size=...)` alone): their gradients are reduced "

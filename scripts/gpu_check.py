@@ -55,7 +55,6 @@ from gpu_check_lib import (  # noqa: E402
     IndexDataset,
     StepTimer,
     VitDims,
-    apply_compat_shims,
     eval_error,
     finite_or_none,
     free_device_memory,
@@ -71,7 +70,6 @@ from hf_gr import GRTrainer, GRTrainingArguments  # noqa: E402
 from paper_vit import PAPER_VIT_CONFIGS  # noqa: E402
 
 log = logging.getLogger("gpu_check")
-COMPAT_SHIMS = apply_compat_shims()  # before any Trainer exists; recorded in the JSON's meta
 DEFAULT_DATA = REPO / "outputs" / "gpu_data" / DATA_FILE
 SECTIONS = ("correctness", "throughput", "reproduction", "compile")
 CORRECTNESS_CHECKS = ("fp32", "bf16", "fp16", "dropout_replay", "skipped_step", "host_sync", "fsdp2",
@@ -204,7 +202,7 @@ def meta(ctx: Context) -> dict[str, Any]:
         "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if ctx.cuda else None,
         "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
         "accelerate": accelerate.__version__, "python": platform.python_version(), "budget_s": ctx.budget_s,
-        "elapsed_s": 0.0, "sections": {}, "compat_shims": COMPAT_SHIMS,
+        "elapsed_s": 0.0, "sections": {},
     }  # fmt: skip
 
 

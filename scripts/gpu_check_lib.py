@@ -409,22 +409,6 @@ def count_host_syncs() -> Iterator[dict[str, int]]:
             setattr(torch.Tensor, name, original)
 
 
-def apply_compat_shims() -> list[str]:
-    """Stand-ins for Trainer attributes hf_gr reads that an older transformers lacks; returns what was applied.
-
-    transformers 5.17 (the GPU machine's) has no `Trainer.is_distributed_loading_by_transformers` (newer versions
-    set it in `__init__`; False unless the model was sharded at load time, which this check never does).
-    """
-    import transformers.trainer
-
-    applied = []
-    name = "is_distributed_loading_by_transformers"
-    if name not in Path(transformers.trainer.__file__).read_text():
-        setattr(transformers.trainer.Trainer, name, False)
-        applied.append(f"Trainer.{name} = False (missing in transformers {transformers.__version__})")
-    return applied
-
-
 def free_device_memory() -> None:
     import gc
 
