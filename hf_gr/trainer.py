@@ -71,7 +71,6 @@ class GRMixin:
         self._gr_exact_lambda: float | None = None
         self._gr_user_scheduler = self.lr_scheduler is not None
         self._gr_warned_scheduler = False
-        self._gr_resume_state: str | None = None
         self.gr_warmup = self._gr_bind_warmup_callback()
         given = [cb for cb in self.callback_handler.callbacks if isinstance(cb, GRDiagnosticsCallback)]
         if not given and self.args.gr_diagnostics_steps > 0:
