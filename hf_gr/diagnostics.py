@@ -10,7 +10,6 @@ step's metrics are collected until `GRMixin.log` averages them into the next tra
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -28,25 +27,28 @@ ADAPTIVE_LR_KEYS = (
 
 
 class GRMetrics:
-    """A training step's GR metrics, as TRL keeps `_metrics`: values added as they are measured (tensors stay on
-    the device until the log), averaged and cleared by `pop_means`.
+    """A training step's GR metrics, as TRL keeps `_metrics`: values added as they are measured, averaged into the
+    next log entry by `pop_means`. Kept as running sums (tensors stay on the device until the log), so a run that
+    never logs holds a few numbers, not one per step.
 
     `recording` says whether the current step measures the diagnostics (set by `GRDiagnosticsCallback`).
     """
 
     def __init__(self) -> None:
-        self.values: dict[str, list[Any]] = defaultdict(list)
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
         self.recording = False
 
     def add(self, key: str, value: float | torch.Tensor) -> None:
         """Record one measurement (per micro-batch, or per step) of `key`."""
-        self.values[key].append(value)
+        self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.counts[key] = self.counts.get(key, 0) + 1
 
     def pop_means(self, replica_device: torch.device | None = None) -> dict[str, float]:
         """The mean of each key's values since the last call (then cleared); with `replica_device`, also averaged
         over the data-parallel replicas (a collective on that device: every replica must call it)."""
-        means = {key: sum(float(v) for v in values) / len(values) for key, values in self.values.items() if values}
-        self.values.clear()
+        means = {key: float(total) / self.counts[key] for key, total in self.sums.items()}
+        self.sums, self.counts = {}, {}
         if replica_device is not None and means:
             keys = sorted(means)
             tensor = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=replica_device)

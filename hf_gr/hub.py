@@ -26,7 +26,7 @@ Be Harmful?", ICML 2024):
 
 - λ = {gr_lambda}, r = {gr_r} (α = λ/r = {alpha}), method: {gr_method}, first term: {gr_first_term}
 - GR warmup: {gr_warmup_strategy} over W = {gr_warmup_steps} optimizer steps
-- GR steps: every {gr_interval}th step with probability {gr_probability}; reuse between them: {gr_reuse}
+- cheaper modes: interval k = {gr_interval}, probability p = {gr_probability}, reuse = {gr_reuse}
 - optimizer: {optimizer}, learning rate {learning_rate}, weight decay {weight_decay}, {max_steps} steps
 - dataset: {dataset}; base model: {base}
 """

@@ -8,7 +8,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_gr import GRTrainer
-from hf_gr.diagnostics import ADAPTIVE_LR_KEYS, GRADIENT_KEYS, adaptive_lr_stats
+from hf_gr.diagnostics import ADAPTIVE_LR_KEYS, GRADIENT_KEYS, GRMetrics, adaptive_lr_stats
 
 from benchmarking import live_tensor_bytes
 from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, grad_at, make_args
@@ -188,3 +188,16 @@ def test_plain_steps_log_the_gradient_norm(tmp_path):
     assert len(entries) == 3 and all("gr_perturbed_grad_norm" not in e for e in entries)
     for e in entries:  # the Trainer's own pre-clipping norm of the same gradient
         assert e["gr_grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-5)
+
+
+def test_metrics_are_averaged_into_the_next_log_and_kept_as_running_sums(tmp_path):
+    metrics = GRMetrics()
+    metrics.add("a", 1.0)
+    metrics.add("a", torch.tensor(3.0))
+    metrics.add("b", 5.0)
+    assert metrics.pop_means() == {"a": 2.0, "b": 5.0}
+    assert metrics.pop_means() == {}  # cleared
+    args = make_args(tmp_path, max_steps=30, logging_strategy="no")
+    trainer = GRTrainer(model=TinyNet(), args=args, train_dataset=DictDataset(64))
+    trainer.train()
+    assert trainer.gr_metrics.counts == {"gr_step_fraction": 30, "gr_reuse_fraction": 30}  # no list per step
