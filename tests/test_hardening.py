@@ -45,8 +45,8 @@ class _RaiseInSecondPass(Exception):
     pass
 
 
-@pytest.mark.parametrize("where", ["forward", "backward"])
-def test_raise_in_pass_two_keeps_the_accumulated_gradient_exactly(tmp_path, where):
+@pytest.mark.parametrize("where", ["pass 1", "forward", "backward"])
+def test_raise_in_a_pass_keeps_the_accumulated_gradient_exactly(tmp_path, where):
     model = TinyNet()
     data = DictDataset(32)
     trainer = step_trainer(tmp_path, model, gr_lambda=0.05, gradient_accumulation_steps=2)
@@ -55,9 +55,9 @@ def test_raise_in_pass_two_keeps_the_accumulated_gradient_exactly(tmp_path, wher
     before = params_of(model)
     calls = {"forward": 0, "hook": 0}
 
-    def raise_on_second_forward(module, args):
+    def raise_on_forward(module, args):
         calls["forward"] += 1
-        if calls["forward"] == 2:
+        if calls["forward"] == (1 if where == "pass 1" else 2):
             raise _RaiseInSecondPass
 
     def raise_on_second_backward(grad):
@@ -66,8 +66,8 @@ def test_raise_in_pass_two_keeps_the_accumulated_gradient_exactly(tmp_path, wher
             raise _RaiseInSecondPass
         return grad
 
-    if where == "forward":
-        handle = model.register_forward_pre_hook(raise_on_second_forward)
+    if where in ("pass 1", "forward"):
+        handle = model.register_forward_pre_hook(raise_on_forward)
     else:
         handle = model.fc1.weight.register_hook(raise_on_second_backward)
     with pytest.raises(_RaiseInSecondPass):
