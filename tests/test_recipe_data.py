@@ -3,20 +3,18 @@ columns that are stored but not decoded (or are no images at all)."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image as PILImage
 
 from hf_gr import GRTrainer
 
 import image_data as data
+import train
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0), "purple": (128, 0, 128)}
@@ -25,25 +23,6 @@ TINY_8X8 = [
     "--model_config", "vit-ti", "--config_overrides",
     "image_size=8,patch_size=4,hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64",
 ]  # fmt: skip
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("hf_gr_train_script", REPO / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_script()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

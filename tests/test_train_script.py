@@ -4,7 +4,6 @@ push_to_hub intercepted at huggingface_hub, config/CLI precedence, and the clear
 from __future__ import annotations
 
 import configparser
-import importlib.util
 import io
 import json
 import os
@@ -33,6 +32,7 @@ from hf_gr import GRTrainer, GRTrainingArguments
 
 import image_data as data
 import paper_vit as modeling
+import train
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train.py"
@@ -42,26 +42,6 @@ QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
 # A short quickstart: the config file, shortened by flags.
 SHORT = ["--num_train_epochs", "4", "--eval_strategy", "no", "--logging_steps", "10"]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("hf_gr_train_script", REPO / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_script()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: tiny models on a shared 2-core machine run many times faster than with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _digit_image() -> PILImage.Image:
