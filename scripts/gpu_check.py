@@ -46,6 +46,10 @@ for _path in (str(SCRIPTS), str(REPO)):  # run as a file on the GPU machine: hf_
         sys.path.insert(0, _path)
 
 import gpu_check_correctness as correctness  # noqa: E402
+from transformers import Trainer  # noqa: E402
+
+from hf_gr import GRTrainer, GRTrainingArguments  # noqa: E402
+
 from gpu_check_lib import (  # noqa: E402
     DATA_FILE,
     AugmentingCollator,
@@ -63,10 +67,6 @@ from gpu_check_lib import (  # noqa: E402
     prepare_data,
     synthetic_data,
 )
-from transformers import Trainer  # noqa: E402
-
-from hf_gr import GRTrainer, GRTrainingArguments  # noqa: E402
-
 from paper_vit import PAPER_VIT_CONFIGS  # noqa: E402
 
 log = logging.getLogger("gpu_check")

@@ -27,6 +27,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback
+
+from hf_gr import GRTrainer, gradient
+
 from gpu_check_lib import (
     CaptureGrads,
     attach_cpu_scaler,
@@ -40,9 +44,6 @@ from gpu_check_lib import (
     rel_err,
     stack_rows,
 )
-from transformers import Trainer, TrainerCallback
-
-from hf_gr import GRTrainer, gradient
 
 GR_LAMBDA, GR_R = 0.25, 0.5  # α = 0.5 exercises the mix; r large enough that GR and plain gradients differ clearly
 FP32_TOLERANCE = {"cuda": 1e-4, "cpu": 1e-6}  # TF32 off

@@ -381,7 +381,7 @@ class EvalEachEpoch(TrainerCallback):
 def attach_cpu_scaler(trainer: Any, init_scale: float = 2.0**10) -> torch.amp.GradScaler:
     """fp16 on CPU: accelerate makes no GradScaler there (on CUDA it does). Turning native AMP on and attaching
     torch's CPU GradScaler runs the Trainer's own fp16 loop: float16 autocast, loss scaling, unscaling before
-    clipping, skipped steps (as tests/test_hardening.py does)."""
+    clipping, skipped steps (tests/test_hardening.py uses it too)."""
     trainer.accelerator.native_amp = True
     scaler = trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     return scaler

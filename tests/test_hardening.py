@@ -9,6 +9,7 @@ from transformers import TrainerCallback, get_linear_schedule_with_warmup
 
 from hf_gr import GRTrainer, gradient
 
+from gpu_check_lib import attach_cpu_scaler
 from gr_testing import (
     DictDataset,
     SequentialGRTrainer,
@@ -138,15 +139,6 @@ class _InfiniteAt(TrainerCallback):
         self.inf = state.global_step in self.steps
 
 
-def _attach_cpu_scaler(trainer) -> torch.amp.GradScaler:
-    """With `fp16=True` on CPU accelerate turns native AMP off and makes no GradScaler (the GPU check runs fp16 as
-    accelerate sets it up on CUDA). Turning native AMP on and attaching torch's CPU GradScaler runs the Trainer's own
-    fp16 loop on CPU: float16 autocast, loss scaling, unscaling before clipping, skipped steps."""
-    trainer.accelerator.native_amp = True
-    scaler = trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    return scaler
-
-
 def test_fp16_scaler_through_the_trainer_loop_gives_the_unscaled_gr_update(tmp_path):
     runs = []
     for scaled in (False, True):
@@ -155,7 +147,7 @@ def test_fp16_scaler_through_the_trainer_loop_gives_the_unscaled_gr_update(tmp_p
                          max_grad_norm=1.0, gr_lambda=0.05, fp16=scaled)  # fmt: skip
         trainer = SequentialGRTrainer(model=model, args=args, train_dataset=DictDataset(64))
         if scaled:
-            scaler = _attach_cpu_scaler(trainer)
+            scaler = attach_cpu_scaler(trainer)
         trainer.train()
         runs.append(params_of(model))
     assert scaler.get_scale() == 2.0**10 and trainer.lr_scheduler.last_epoch == 4  # no step skipped
@@ -175,7 +167,7 @@ def test_gr_warmup_stays_on_the_lr_schedule_after_skipped_steps(tmp_path):
                      gr_warmup_strategy="zero", fp16=True)  # fmt: skip
     trainer = GRTrainer(model=model, args=args, train_dataset=DictDataset(64), compute_loss_func=loss,
                         callbacks=[callback])  # fmt: skip
-    scaler = _attach_cpu_scaler(trainer)
+    scaler = attach_cpu_scaler(trainer)
     trainer.train()
     assert scaler.get_scale() == 2.0**8  # two skips
     entries = [e for e in trainer.state.log_history if "gr_lambda" in e]

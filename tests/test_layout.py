@@ -1,7 +1,6 @@
 """What the library's layout promises: no host sync in a GR step, the Trainer internals it uses still exist, one
 place for each fact, and the checkpoint workaround only where transformers' key renaming bites."""
 
-import contextlib
 import re
 from dataclasses import fields
 
@@ -18,33 +17,8 @@ from transformers import (
 from hf_gr import GRArguments, GRTrainer, checkpoint
 from hf_gr.trainer import TRAINER_INTERNALS
 
+from gpu_check_lib import count_host_syncs
 from gr_testing import DictDataset, TinyNet, make_args, params_of
-
-HOST_SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
-
-
-@contextlib.contextmanager
-def count_host_syncs():
-    """Counts the Tensor methods that read a value back to the host (each blocks until the device is done)."""
-    counts = {"n": 0}
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_SYNCS}
-
-    def counting(name):
-        original = originals[name]
-
-        def wrapper(self, *args, **kwargs):
-            counts["n"] += 1
-            return original(self, *args, **kwargs)
-
-        return wrapper
-
-    for name in HOST_SYNCS:
-        setattr(torch.Tensor, name, counting(name))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 @pytest.mark.parametrize(
