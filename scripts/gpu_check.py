@@ -45,11 +45,11 @@ for _path in (str(SCRIPTS), str(REPO)):  # run as a file on the GPU machine: hf_
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-import gpu_check_correctness as correctness  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 from hf_gr import GRTrainer, GRTrainingArguments  # noqa: E402
 
+import gpu_check_correctness as correctness  # noqa: E402
 from gpu_check_lib import (  # noqa: E402
     DATA_FILE,
     AugmentingCollator,

@@ -7,15 +7,16 @@ import io
 import json
 import time
 
-import gpu_check
-import gpu_check_correctness as correctness
-import gpu_check_lib as lib
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hf_gr import gradient
+
+import gpu_check
+import gpu_check_correctness as correctness
+import gpu_check_lib as lib
 
 MODES = ("plain", "gr", "gr_p0.5", "gr_k4", "gr_k4_reuse")
 MODE_KEYS = ("images_per_s", "step_ms", "cost_vs_plain", "peak_memory_mib", "gr_step_fraction", "first_step_s")
