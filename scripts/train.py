@@ -112,6 +112,13 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use this many training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use this many evaluation examples."})
+    test_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out sets evaluated once, after training: 'name=path' (parquet file or image folder) each; "
+            "their metrics are logged and saved as '<name>_error_rate' etc. Nothing is selected on them."
+        },
+    )
     augmentation: str = field(
         default="auto",
         metadata={
@@ -374,8 +381,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             train_val_split=data_args.train_val_split,
             seed=training_args.seed,
         )
+    test_sets = data.load_test_sets(data_args.test_files, model_args.cache_dir)
+    raw.update(test_sets)
     image_column, label_column = data.resolve_columns(raw["train"], data_args.image_column, data_args.label_column)
-    data.resolve_columns(raw["validation"], image_column, label_column)
+    for split in ("validation", *test_sets):
+        data.resolve_columns(raw[split], image_column, label_column)
     raw = data.decode_images(raw, image_column)
     if data_args.max_train_samples is not None:
         raw["train"] = raw["train"].shuffle(seed=training_args.seed).select(range(data_args.max_train_samples))
@@ -396,7 +406,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     image_size = int(getattr(model.config, "image_size", 32) or 32)
     augmentation = data.choose_augmentation(data_args.augmentation, data_args.dataset_name, image_size)
     raw["train"].set_transform(data.ImageTransform(image_processor, image_column, label_column, augmentation))
-    raw["validation"].set_transform(data.ImageTransform(image_processor, image_column, label_column))
+    for split in ("validation", *test_sets):
+        raw[split].set_transform(data.ImageTransform(image_processor, image_column, label_column))
     training_args.remove_unused_columns = False  # the transforms need the image column
 
     trainer = GRTrainer(
@@ -429,6 +440,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
+
+    # The held-out test sets: once, at the end (nothing is chosen on them).
+    for name in test_sets:
+        test_metrics = trainer.evaluate(eval_dataset=raw[name], metric_key_prefix=name)
+        trainer.log_metrics(name, test_metrics)
+        trainer.save_metrics(name, test_metrics)
+        metrics.update(test_metrics)
 
     card_kwargs = {
         "tasks": "image-classification",
