@@ -72,7 +72,7 @@ def write_config(tmp_path, **changes):
             "disable_tqdm": True,
             "dataloader_num_workers": 0,
         },  # fmt: skip
-        "arms": {"plain": {"gr_lambda": 0.0}, "gr": {"gr_lambda": 0.1, "gr_r": 0.1}},
+        "arms": {"plain": {"gr_lambda": 0.0}, "gr": {"gr_lambda": 0.1, "gr_r": 0.1, "gr_warmup_strategy": "none"}},
         "seeds": [0, 1],
         "pool": 2,
         "metrics": ["test_error_rate", "eval_loss"],
@@ -126,7 +126,7 @@ def test_records_hold_metrics_cost_and_environment(study):
         assert not [e for e in log if "test_error_rate" in e]
         assert [e["step"] for e in log if "eval_error_rate" in e] == [3, 6]
         final = json.loads((folder / "test_results.json").read_text())
-        assert final["test_error_rate"] == run["metrics"]["test_error_rate"] and final["test_samples"] == 100
+        assert final["test_error_rate"] == run["metrics"]["test_error_rate"]
     # Same seed, same initial weights and data: GR and plain agree on ‖g‖ at step 1 (both a plain gradient).
     hist = json.loads(gzip.decompress((tmp_path / "docs" / "ab-histories.json.gz").read_bytes()))
     assert set(hist) == {"plain-seed0", "plain-seed1", "gr-seed0", "gr-seed1"}
@@ -228,3 +228,13 @@ def test_bad_configurations_are_refused_by_name(tmp_path):
     config["data"]["splits"]["test"] = ["digits.parquet", 150, 200]
     with pytest.raises(compare.ConfigError, match="rows 150–200 of digits.parquet overlap validation's"):
         compare.prepare_data(config)
+
+
+def test_test_files_are_name_equals_path(tmp_path):
+    import image_data
+
+    digits_parquet(tmp_path / "d.parquet", rows=20)
+    assert len(image_data.load_test_sets([f"held_out={tmp_path / 'd.parquet'}"])["held_out"]) == 20
+    for bad in ("d.parquet", "eval=x.parquet", "my-set=x.parquet"):
+        with pytest.raises(image_data.InputError, match="--test_files takes 'name=path'"):
+            image_data.load_test_sets([bad])
