@@ -268,12 +268,12 @@ Environment of the runs:
 """
 
 
-def _band(ax, x, stats, color, name):
+def _band(ax, x, stats, color, name, alpha=0.2):
     mean = [s["mean"] for s in stats]
     low = [s["low"] if s["n"] > 1 else s["mean"] for s in stats]
     high = [s["high"] if s["n"] > 1 else s["mean"] for s in stats]
     ax.plot(x, mean, color=color, linewidth=1.0, label=name)
-    ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
+    ax.fill_between(x, low, high, color=color, alpha=alpha, linewidth=0)
 
 
 def figure(config: dict[str, Any], data: dict[str, Any], histories: dict[str, Any], out: Path) -> None:
@@ -306,7 +306,7 @@ def figure(config: dict[str, Any], data: dict[str, Any], histories: dict[str, An
         steps = sorted(set.intersection(*(set(s[0]) for s in series)))
         values = [[dict(zip(*s))[step] * scale(curve) for s in series] for step in steps]
         stats = [cs.paired(v) for v in values]
-        _band(ax, steps, stats, f"C{i}", f"{label(config, arm)} (n={len(series)})")
+        _band(ax, steps, stats, f"C{i}", f"{label(config, arm)} (n={len(series)})", alpha=0.08)
     ax.set(xlabel="optimizer step", ylabel=f"validation {curve}{unit(curve)}", title="validation curve, 95 % band")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -336,6 +336,7 @@ def figure(config: dict[str, Any], data: dict[str, Any], histories: dict[str, An
 
     # 3...: per key, the per-step paired difference of each pair relative to b (%), mean and 95 % band over seeds.
     for ax, key in zip(axes[2:], step_panels):
+        means = [0.0]
         for i, (a, b) in enumerate(step_pairs):
             seeds = sorted({r["seed"] for r in runs if r["arm"] == a} & {r["seed"] for r in runs if r["arm"] == b})
             pairs = []
@@ -350,15 +351,16 @@ def figure(config: dict[str, Any], data: dict[str, Any], histories: dict[str, An
             stats = [cs.paired([100 * (x[s] - y[s]) / abs(y[s]) for x, y in pairs]) for s in steps]
             name = f"{label(config, a)} − {label(config, b)} ({len(pairs)} seeds)"
             _band(ax, steps, stats, f"C{i}", name)
-            if max(abs(st["mean"]) for st in stats) > 200:  # Adam's first steps: ψ differs by orders of magnitude
-                ax.set_yscale("symlog", linthresh=10)
+            means += [st["mean"] for st in stats]
+        symlog = max(abs(m) for m in means) > 200  # Adam's first steps: ψ differs by orders of magnitude
+        if symlog:
+            ax.set_yscale("symlog", linthresh=10)
+        margin = 3.0 if symlog else 1.3  # the means set the axis; a band wider than that is cut
+        ax.set_ylim(margin * min(means), margin * max(means))
         for i, (name, (first, last)) in enumerate((per_step.get("windows") or {}).items()):
             ax.axvspan(first, last, color=f"C{i + 4}", alpha=0.08, label=f"window {name}")
         ax.axhline(0, color="k", linewidth=0.8)
-        low, high = ax.get_ylim()
-        ax.set_ylim(min(low, 0), max(high, 0))
-        ax.set(xlabel="optimizer step", ylabel=f"(a − b) / b, {key} (%)",
-               title=f"{key}: per-step paired difference, 95 % band")  # fmt: skip
+        ax.set(xlabel="optimizer step", ylabel=f"(a − b) / b, {key} (%)", title=f"{key}: (a − b)/b, 95 % band")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in axes[count:]:
