@@ -102,8 +102,8 @@ def test_plain_loop_takes_the_trainers_gr_steps(trainer_runs, how):
 
 def test_without_accumulation_every_backward_is_a_step():
     model = TinyNet()
-    regularizer = GradientRegularizer(model, args=GRArguments(gr_lambda=LAMBDA, gr_r=0.1, **{
-        "gr_warmup_strategy": "zero", "gr_warmup_steps": 1}))  # fmt: skip
+    args = GRArguments(gr_lambda=LAMBDA, gr_r=0.1, gr_warmup_strategy="zero", gr_warmup_steps=1)
+    regularizer = GradientRegularizer(model, args=args)
     data, forwards = DictDataset(ROWS), []
     for step in range(3):
         before = model.forward_calls
@@ -116,15 +116,15 @@ def test_without_accumulation_every_backward_is_a_step():
 def test_a_short_last_step_ends_where_told():
     """k = 3 with a last step of one micro-batch (`sync_gradients=True`): the count starts over after it."""
     model = TinyNet()
-    regularizer = GradientRegularizer(model, args=GRArguments(gr_lambda=LAMBDA, gr_r=0.1, gr_warmup_strategy="none",
-                                                              gr_interval=2), gradient_accumulation_steps=3)  # fmt: skip
+    args = GRArguments(gr_lambda=LAMBDA, gr_r=0.1, gr_warmup_strategy="none", gr_interval=2)
+    regularizer = GradientRegularizer(model, args=args, gradient_accumulation_steps=3)
     data, forwards = DictDataset(ROWS), []
     for step, micro_batches in enumerate([3, 1, 3]):
         before = model.forward_calls
         for j in range(micro_batches):
             batch = data.batch(BATCH * (3 * step + j), BATCH)
-            regularizer.backward(lambda batch=batch: model(**batch)["loss"], sync_gradients=True if j == 0 and
-                                 micro_batches == 1 else None)  # fmt: skip
+            short = micro_batches == 1  # the loop knows it is the data's last micro-batch
+            regularizer.backward(lambda batch=batch: model(**batch)["loss"], sync_gradients=True if short else None)
         forwards.append(model.forward_calls - before)
         model.zero_grad()
     assert forwards == [6, 1, 6] and regularizer.completed_steps == 3
