@@ -17,11 +17,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from accelerate.utils.environment import parse_flag_from_env
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from . import checkpoint, gradient, hub, schedule
+from . import checkpoint, gradient, hub, record, schedule
 from .arguments import GRArguments, GRTrainingArguments, optimizer_name, validate_gr_arguments
 from .callbacks import WARMUP_CALLBACKS, GRWarmupCallback
 from .diagnostics import GradientNormProbe, GRDiagnosticsCallback, GRMetrics
@@ -83,6 +84,7 @@ class GRMixin:
         for callback in given:
             callback.bind(self.gr_metrics)
         self.add_callback(_GRStepCallback(self))
+        self.add_callback(record.GRSettingsRecord())
 
     # ---- set-up ----
 
@@ -100,6 +102,14 @@ class GRMixin:
                 "`fsdp_version: 2` in the accelerate config (configs/accelerate/fsdp2.yaml) or "
                 "fsdp_config={'fsdp_version': 2}."
             )
+        asked = "fsdp in the arguments" if self.args.fsdp else None
+        if asked is None and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+            asked = "the accelerate config"
+        if asked and not self.is_fsdp_enabled and self.is_local_process_zero():
+            logger.warning(
+                "FSDP was asked for (%s) but the run is %s: accelerate shards only on accelerators (not on CPU or "
+                "with use_cpu), so GR runs unsharded.", asked, self._gr_mode(),
+            )  # fmt: skip
         # What the Trainer itself reads (transformers >= 5.24); older versions shard nothing at load time.
         loaded_distributed = getattr(self.model, "is_distributed_loading_by_transformers", False)
         if loaded_distributed and not _is_fsdp_only(self.model):
@@ -297,6 +307,38 @@ class GRMixin:
 
     # ---- train, checkpoints, model card ----
 
+    def _gr_begin_training(self, state: Any) -> None:
+        """At train start: say how GR runs, warn about W = 0, and record the settings (warning when a resume
+        changed them)."""
+        main = self.is_local_process_zero()
+        if main:
+            logger.info("GR: %s.", self._gr_mode())
+        if main and self.gr_warmup is not None and self.gr_warmup_length() == 0:
+            logger.warning("%s-warmup has W = 0 (no LR warmup and no gr_warmup_steps): full GR from the first step.",
+                           self.gr_warmup.strategy)  # fmt: skip
+        settings = record.settings_of(self.args, self.gr_warmup_length())
+        changed = self._gr_record().start(state, settings)
+        if main and changed:
+            logger.warning(
+                "Resuming at step %d with changed GR settings: %s. The checkpoints and the model card record each "
+                "setting with the steps it ran.", state.global_step, "; ".join(changed),
+            )  # fmt: skip
+
+    def _gr_mode(self) -> str:
+        """How the GR step runs here: the process layout and where the perturbation's g1 comes from."""
+        processes = self.accelerator.num_processes
+        if processes == 1:
+            return "single process"
+        if self.is_fsdp_enabled:
+            return f"FSDP2 over {processes} processes, perturbation synced (FSDP2 reduces g1 across replicas)"
+        if self.args.gr_sync_perturbation:
+            return f"DDP over {processes} processes, perturbation synced (the replica-mean g1, gr_sync_perturbation)"
+        return f"DDP over {processes} processes, perturbation per replica (each replica's own g1)"
+
+    def _gr_record(self) -> record.GRSettingsRecord:
+        """The settings record among the callbacks (the Trainer may swap in a restored one on resume)."""
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, record.GRSettingsRecord))
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """The Trainer's `train`, restoring GR's own state (the kept reuse direction) when resuming."""
         path = resume_from_checkpoint
@@ -343,7 +385,7 @@ class GRMixin:
             dataset = kwargs.get("dataset")
             metadata = hub.gr_card_metadata(
                 self.args, self.state, self.gr_warmup_length(), dataset[0] if isinstance(dataset, list) else dataset,
-                kwargs.get("finetuned_from"),
+                kwargs.get("finetuned_from"), self._gr_record().segments,
             )  # fmt: skip
             hub.add_gr_to_model_card(os.path.join(self.args.output_dir, "README.md"), metadata)
 
@@ -394,10 +436,7 @@ class _GRStepCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        trainer = self.trainer
-        if trainer.gr_warmup is not None and trainer.gr_warmup_length() == 0:
-            logger.warning("%s-warmup has W = 0 (no LR warmup and no gr_warmup_steps): full GR from the first step.",
-                           trainer.gr_warmup.strategy)  # fmt: skip
+        self.trainer._gr_begin_training(state)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._gr_plan = None

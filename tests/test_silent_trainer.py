@@ -3,11 +3,14 @@ the mixin in the wrong base position, an arguments class without `@dataclass`, `
 own `compute_loss`, α far past the paper's range, the distributed mode at train start, and a resume with changed
 GR settings (warned, and recorded with step ranges in the checkpoint and the model card)."""
 
+import json
+import logging
 import warnings
 from dataclasses import dataclass
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import Seq2SeqTrainer, Trainer, TrainingArguments
 
 from hf_gr import GRArguments, GRMixin, GRTrainer, GRTrainingArguments
@@ -146,3 +149,72 @@ def test_alpha_above_two_warns_once(tmp_path, gr_lambda, warns):
     assert len(messages) == (1 if warns else 0)
     if warns:
         assert "α = 5 > 2" in messages[0] and "1 − α = -4 < −1" in messages[0] and "past g2" in messages[0]
+
+
+# ---- the distributed mode at train start ----
+
+
+def test_train_start_says_how_gr_runs(tmp_path, caplog):
+    trainer = GRTrainer(model=TinyNet(), args=make_args(tmp_path, max_steps=1), train_dataset=DictDataset(16))
+    with caplog.at_level(logging.INFO, logger="hf_gr.trainer"):
+        trainer.train()
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("GR: ")] == ["GR: single process."]
+
+
+def test_fsdp_asked_for_but_not_running_warns(tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    with caplog.at_level(logging.WARNING, logger="hf_gr.trainer"):
+        trainer = GRTrainer(model=TinyNet(), args=make_args(tmp_path))
+    assert not trainer.is_fsdp_enabled  # accelerate falls back on CPU
+    assert "FSDP was asked for (the accelerate config) but the run is single process" in caplog.text
+
+
+# ---- resuming with changed settings ----
+
+
+def _run(tmp_path, steps, **overrides):
+    args = make_args(tmp_path, max_steps=steps, save_strategy="steps", save_steps=4, logging_steps=1,
+                     lr_scheduler_type="constant", **overrides)  # fmt: skip
+    return GRTrainer(model=TinyNet(), args=args, train_dataset=DictDataset(64))
+
+
+def _segments(folder):
+    with open(folder / "trainer_state.json", encoding="utf-8") as f:
+        return json.load(f)["stateful_callbacks"]["GRSettingsRecord"]["args"]["segments"]
+
+
+def test_resume_with_changed_settings_warns_and_records_each_range(tmp_path, caplog):
+    _run(tmp_path, 4, gr_lambda=0.1).train()  # steps 1–4 at λ = 0.1, saved in checkpoint-4
+    resumed = _run(tmp_path, 6, gr_lambda=0.05, gr_warmup_strategy="zero", gr_warmup_steps=1)
+    with caplog.at_level(logging.WARNING, logger="hf_gr.trainer"):
+        resumed.train(resume_from_checkpoint=True)  # steps 5–6 at λ = 0.05
+    warning = next(r.getMessage() for r in caplog.records if "changed GR settings" in r.getMessage())
+    assert "Resuming at step 4" in warning
+    assert "gr_lambda: 0.1 → 0.05" in warning and "gr_warmup_strategy: 'none' → 'zero'" in warning
+    assert "gr_warmup_steps: 0 → 1" in warning and "gr_r" not in warning
+
+    first, second = _segments(tmp_path / "out" / "checkpoint-6")
+    assert (first["first_step"], first["last_step"], first["gr_lambda"]) == (1, 4, 0.1)
+    assert (second["first_step"], second["last_step"], second["gr_lambda"]) == (5, 6, 0.05)
+    assert (first["gr_warmup_strategy"], second["gr_warmup_strategy"]) == ("none", "zero")
+    logged = [e["gr_lambda"] for e in resumed.state.log_history if "loss" in e]
+    assert logged == [0.1] * 4 + [0.05] * 2  # the record matches what each step applied
+
+    resumed.create_model_card()
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    ranges = [(s["first_step"], s["last_step"], s["gr_lambda"]) for s in card.data.hf_gr["gr_segments"]]
+    assert ranges == [(1, 4, 0.1), (5, 6, 0.05)]
+    assert "steps 1–4: λ = 0.1, r = 0.1 (α = 1)" in card.text and "GR warmup: none over W = 0" in card.text
+    assert "steps 5–6: λ = 0.05, r = 0.1 (α = 0.5)" in card.text and "GR warmup: zero over W = 1" in card.text
+
+
+def test_resume_with_the_same_settings_keeps_one_range(tmp_path, caplog):
+    _run(tmp_path, 4).train()
+    resumed = _run(tmp_path, 6)
+    with caplog.at_level(logging.WARNING, logger="hf_gr.trainer"):
+        resumed.train(resume_from_checkpoint=True)
+    assert "changed GR settings" not in caplog.text
+    (only,) = _segments(tmp_path / "out" / "checkpoint-6")
+    assert (only["first_step"], only["last_step"], only["gr_lambda"]) == (1, 6, 0.1)
+    resumed.create_model_card()
+    assert "steps 1–" not in (tmp_path / "out" / "README.md").read_text()  # one range: the plain section
