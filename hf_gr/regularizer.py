@@ -103,6 +103,11 @@ class GradientRegularizer:
             accelerator (default: 1, unless `backward` is told per call). With an accelerator, its own setting.
         lr_scheduler (`torch.optim.lr_scheduler.LRScheduler`, *optional*): the loop's LR scheduler (or the one
             `accelerator.prepare` returned): the warmup's t is its step count.
+        total_steps (`int`, *optional*): the run's optimizer steps T; needed with `gr_probability_end`, whose ramp
+            ends at step T − 1.
+
+    `gr_ascent_fraction` < 1 (sub-batch ascent) needs pass 1 on part of the batch, which `loss_fn` cannot be
+    asked for: `backward` refuses it; `GRTrainer` (any `GRMixin` trainer) slices the inputs itself.
 
     Attributes `model`, `args`, `metrics` and `diagnostics_scale` are internal: `GRMixin` sets them per step.
     """
@@ -117,6 +122,7 @@ class GradientRegularizer:
         warmup_steps: int | None = None,
         gradient_accumulation_steps: int | None = None,
         lr_scheduler: Any = None,
+        total_steps: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (the one the loop calls), got {type(model).__name__}.")
@@ -124,7 +130,8 @@ class GradientRegularizer:
             raise TypeError(f"args must be a GRArguments (or a subclass), got {type(args).__name__}.")
         args = args if args is not None else GRArguments()
         for name, value, least in (("seed", seed, None), ("warmup_steps", warmup_steps, 0),
-                                   ("gradient_accumulation_steps", gradient_accumulation_steps, 1)):  # fmt: skip
+                                   ("gradient_accumulation_steps", gradient_accumulation_steps, 1),
+                                   ("total_steps", total_steps, 1)):  # fmt: skip
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or
                                       (least is not None and value < least)):  # fmt: skip
                 bound = "an integer" if least is None else f"an integer >= {least}"
@@ -159,6 +166,14 @@ class GradientRegularizer:
                 )
             warmup_steps = None if found is None else math.ceil(found / self._per_step)
         self._warmup_steps = warmup_steps
+        # gr_probability_end's ramp: (t0, the first eligible step; T, the run's optimizer steps); GRMixin sets its own
+        self._ramp: tuple[int, int] | None = None
+        if total_steps is not None:
+            strategy, gr_lambda, gr_r = args.gr_warmup_strategy, args.gr_lambda, args.gr_r
+            first = schedule.first_eligible_step(
+                lambda f: schedule.warmup_coefficients(strategy, gr_lambda, gr_r, f), warmup_steps or 0
+            )
+            self._ramp = (first, total_steps)
         self._completed_steps = 0  # optimizer steps taken through `backward`
         self._warmup_count = 0  # of which the LR schedule took (those the fp16 scaler did not skip)
         self._micro_batches = 0  # micro-batches of the current step so far
@@ -195,6 +210,12 @@ class GradientRegularizer:
                 optimizer step (default: every `gradient_accumulation_steps`-th call does). With an accelerator,
                 its `sync_gradients` decides (a value given must agree).
         """
+        if self.args.gr_ascent_fraction < 1:
+            raise ValueError(
+                f"gr_ascent_fraction={self.args.gr_ascent_fraction} < 1 runs pass 1 on part of the micro-batch, but "
+                "backward(loss_fn) cannot slice the batch inside loss_fn: use gr_ascent_fraction=1 here, or "
+                "GRTrainer (a GRMixin trainer), which slices the inputs."
+            )
         last = self._ends_step(sync_gradients)
         plan = self._current_plan()
 
@@ -256,10 +277,18 @@ class GradientRegularizer:
         return self._plan_from(gr_lambda, gr_r, step)
 
     def _plan_from(self, gr_lambda: float, gr_r: float, step: int) -> StepPlan:
-        """The plan of step `step` given the warmed-up λ_t and r_t (interval, probability, reuse applied)."""
+        """The plan of step `step` given the warmed-up λ_t and r_t (interval, probability and its ramp, reuse)."""
         a = self.args
+        probability = a.gr_probability
+        if getattr(a, "gr_probability_end", None) is not None:
+            if self._ramp is None:
+                raise ValueError(
+                    "gr_probability_end ramps p up to the last step of training: pass total_steps= (the run's "
+                    "optimizer steps) to GradientRegularizer."
+                )
+            probability = schedule.ramped_probability(a.gr_probability, a.gr_probability_end, step, *self._ramp)
         return schedule.plan_step(
-            gr_lambda, gr_r, step, interval=a.gr_interval, probability=a.gr_probability, reuse=a.gr_reuse,
+            gr_lambda, gr_r, step, interval=a.gr_interval, probability=probability, reuse=a.gr_reuse,
             seed=self._seed,
         )  # fmt: skip
 
@@ -301,25 +330,40 @@ class GradientRegularizer:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def _micro_batch(
-        self, run_pass: Callable[[], torch.Tensor], plan: StepPlan, last_micro_batch: bool
+        self,
+        run_pass: Callable[[], torch.Tensor],
+        plan: StepPlan,
+        last_micro_batch: bool,
+        ascent_pass: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """One micro-batch of an optimizer step planned as `plan`; `run_pass` does one forward and backward."""
+        """One micro-batch of an optimizer step planned as `plan`; `run_pass` does one forward and backward.
+
+        `ascent_pass`, when given, runs a GR step's pass 1 instead of `run_pass`: the forward and backward of a
+        sub-batch (`gr_ascent_fraction`), whose g1 gives only the direction of ε (see `hf_gr.ascent`).
+        """
         if plan.kind != GR:
             loss = run_pass()
             if plan.kind == REUSE and last_micro_batch:
                 trainable = self._trainable()
                 self.reuse.apply_(trainable, self._sum_over_ranks if sync.is_sharded(trainable) else None)
             return loss
-        return self._gr_micro_batch(run_pass, plan, last_micro_batch)
+        return self._gr_micro_batch(run_pass, plan, last_micro_batch, ascent_pass)
 
-    def _gr_micro_batch(self, run_pass: Callable[[], torch.Tensor], plan: StepPlan, last: bool) -> torch.Tensor:
+    def _gr_micro_batch(
+        self,
+        run_pass: Callable[[], torch.Tensor],
+        plan: StepPlan,
+        last: bool,
+        ascent_pass: Callable[[], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The two passes; returns pass 1's loss (the sub-batch's, with `ascent_pass`)."""
         trainable = self._trainable()
         sharded = sync.is_sharded(trainable)
         accumulated = gradient.take_grads(trainable)  # A, put aside untouched (restored as is on a raise)
         rng = replay.rng_state()
         try:
             with sync.gradient_sync(self.model, self.accelerator, sharded, on=sharded):
-                loss = run_pass()
+                loss = (ascent_pass or run_pass)()  # sub-batch ascent: only the direction of g1 is used
         except BaseException:
             gradient.put_back_(trainable, accumulated)
             raise

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from . import checkpoint, gradient, hub, record, schedule
+from . import ascent, checkpoint, gradient, hub, record, schedule
 from .arguments import GRArguments, GRTrainingArguments, optimizer_name, validate_gr_arguments
 from .callbacks import WARMUP_CALLBACKS, GRWarmupCallback
 from .diagnostics import GradientNormProbe, GRDiagnosticsCallback, GRMetrics
@@ -51,7 +51,16 @@ class GRMixin:
 
     Logged with every training log entry: `gr_lambda` and `gr_r` (what the last step applied; λ = 0 on a plain or
     reuse step), `gr_step_fraction` and `gr_reuse_fraction` (the share of optimizer steps since the last log that
-    were GR and reuse steps), and the diagnostics of `GRDiagnosticsCallback` when it measured.
+    were GR and reuse steps), and the diagnostics of `GRDiagnosticsCallback` when it measured. After a GR step
+    whose pass 1 saw the whole batch: `gr_sharpness`, L(θ + ε) − L(θ) of the step's batch (pass 2's loss less pass
+    1's, in the units of the logged `loss`), averaged over the GR steps since the last log and over the replicas;
+    it costs no extra pass and no host sync.
+
+    With `gr_ascent_fraction` < 1 pass 1 runs on the first ⌈f·B⌉ samples of each micro-batch (`hf_gr.ascent`),
+    passing `num_items_in_batch` on unchanged (only the direction of its g1 is used, and a direction does not
+    depend on the loss's normalization); pass 2 runs on the whole micro-batch. The loss such a step returns (and
+    logs) is then pass 2's, L(θ + ε) on the whole micro-batch, and what the parent records per `compute_loss` call
+    (TRL's metrics, token counts) is pass 2's.
     """
 
     args: GRArguments
@@ -73,6 +82,7 @@ class GRMixin:
         self.gr_regularizer = GradientRegularizer(self.model, self.accelerator, self.args, seed=self.args.seed)
         self.gr_metrics = GRMetrics()
         self._gr_plan: StepPlan | None = None
+        self._gr_sharpness: torch.Tensor | None = None  # Σ over the step's micro-batches of L(θ + ε) − L(θ)
         self._gr_last_plan = StepPlan(GR, self.args.gr_lambda, self.args.gr_r)
         self._gr_user_scheduler = self.lr_scheduler is not None
         self._gr_warned_scheduler = False
@@ -187,13 +197,23 @@ class GRMixin:
         """The plan of the optimizer step that starts now (computed at its first micro-batch, then kept)."""
         if self._gr_plan is None:
             fraction = schedule.warmup_fraction(self._gr_schedule_step(), self.gr_warmup_length())
-            a = self.args
-            if self.gr_warmup is not None:
-                gr_lambda, gr_r = self.gr_warmup.coefficients(a.gr_lambda, a.gr_r, fraction)
-            else:
-                gr_lambda, gr_r = schedule.warmup_coefficients(a.gr_warmup_strategy, a.gr_lambda, a.gr_r, fraction)
+            gr_lambda, gr_r = self._gr_coefficients(fraction)
+            if self.args.gr_probability_end is not None and self.gr_regularizer._ramp is None:
+                self._gr_set_probability_ramp()
             self._gr_plan = self.gr_regularizer._plan_from(gr_lambda, gr_r, self.state.global_step)
         return self._gr_plan
+
+    def _gr_coefficients(self, fraction: float) -> tuple[float, float]:
+        """(λ_t, r_t) at warmup fraction f(t), from the warmup callback or `gr_warmup_strategy`."""
+        a = self.args
+        if self.gr_warmup is not None:
+            return self.gr_warmup.coefficients(a.gr_lambda, a.gr_r, fraction)
+        return schedule.warmup_coefficients(a.gr_warmup_strategy, a.gr_lambda, a.gr_r, fraction)
+
+    def _gr_set_probability_ramp(self) -> None:
+        """`gr_probability_end`: p ramps from the first eligible step to the last of the run's `max_steps`."""
+        first = schedule.first_eligible_step(self._gr_coefficients, self.gr_warmup_length())
+        self.gr_regularizer._ramp = (first, int(self.state.max_steps or self.args.max_steps))
 
     def _gr_schedule_step(self) -> int:
         """t of the warmup: the LR scheduler's step count (it does not advance on a step the fp16 scaler skips)."""
@@ -219,24 +239,36 @@ class GRMixin:
         regularizer.metrics = self.gr_metrics.add if recording else None
         if recording:
             regularizer.diagnostics_scale = self._gr_diagnostics_scale()
-        passes = 0
+        fraction = ascent.pass_fraction(plan, self.args.gr_ascent_fraction)
+        first_inputs = inputs if fraction == 1.0 else ascent.ascent_inputs(inputs, fraction)
+        losses: list[torch.Tensor] = []
 
+        def one_pass(batch: dict[str, Any], counted: bool) -> torch.Tensor:
+            with contextlib.nullcontext() if counted else self._gr_uncounted_pass():
+                losses.append(parent(model, dict(batch), num_items_in_batch))
+            return losses[-1]
+
+        # Per-call records count the whole micro-batch once: pass 1's, or pass 2's when pass 1 saw a sub-batch.
         def run_pass() -> torch.Tensor:
-            nonlocal passes
-            passes += 1
-            if passes == 1:
-                return parent(model, dict(inputs), num_items_in_batch)
-            with self._gr_second_pass_bookkeeping():
-                return parent(model, dict(inputs), num_items_in_batch)
+            return one_pass(inputs, counted=not losses or fraction < 1.0)
+
+        def ascent_pass() -> torch.Tensor:
+            return one_pass(first_inputs, counted=False)
 
         if recording and plan.kind != GR:
             trainable = [p for p in model.parameters() if p.requires_grad]
             with GradientNormProbe(trainable, regularizer.diagnostics_scale, self.gr_metrics.add):
                 loss = regularizer._micro_batch(run_pass, plan, self.accelerator.sync_gradients)
         else:
-            loss = regularizer._micro_batch(run_pass, plan, self.accelerator.sync_gradients)
-        if passes == 2:
-            self.current_flos += float(self.floating_point_ops(inputs))  # the loop counts one pass
+            loss = regularizer._micro_batch(
+                run_pass, plan, self.accelerator.sync_gradients, ascent_pass if fraction < 1.0 else None
+            )
+        if len(losses) == 2:
+            self.current_flos += float(self.floating_point_ops(first_inputs))  # the loop counts one pass
+            if fraction < 1.0:
+                return losses[1]  # the whole micro-batch's (at θ + ε): pass 1 saw part of it
+            sharpness = losses[1] - losses[0]  # on the device: no host sync
+            self._gr_sharpness = sharpness if self._gr_sharpness is None else self._gr_sharpness + sharpness
         return loss
 
     def _gr_exact_step(self, parent: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any,
@@ -274,8 +306,9 @@ class GRMixin:
         return loss
 
     @contextlib.contextmanager
-    def _gr_second_pass_bookkeeping(self) -> Iterator[None]:
-        """What the parent records per `compute_loss` call (TRL's `_metrics`, token counts) counts pass 1 only."""
+    def _gr_uncounted_pass(self) -> Iterator[None]:
+        """What the parent records per `compute_loss` call (TRL's `_metrics`, token counts) during this pass is
+        dropped, so that each micro-batch counts once."""
         metrics = getattr(self, "_metrics", None)
         saved_metrics = None
         if isinstance(metrics, dict):
@@ -311,6 +344,8 @@ class GRMixin:
         """At train start: say how GR runs, warn about W = 0, and record the settings (warning when a resume
         changed them)."""
         main = self.is_local_process_zero()
+        if self.args.gr_probability_end is not None:
+            self._gr_set_probability_ramp()
         if main:
             logger.info("GR: %s.", self._gr_mode())
         if main and self.gr_warmup is not None and self.gr_warmup_length() == 0:
@@ -440,6 +475,7 @@ class _GRStepCallback(TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._gr_plan = None
+        self.trainer._gr_sharpness = None
         self.trainer.gr_regularizer._start_step()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -447,7 +483,10 @@ class _GRStepCallback(TrainerCallback):
         kind = trainer._gr_last_plan.kind
         trainer.gr_metrics.add("gr_step_fraction", float(kind == GR))
         trainer.gr_metrics.add("gr_reuse_fraction", float(kind == REUSE))
+        if kind == GR and trainer._gr_sharpness is not None:
+            trainer.gr_metrics.add("gr_sharpness", trainer._gr_sharpness)
         trainer._gr_plan = None
+        trainer._gr_sharpness = None
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._gr_save_state(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
