@@ -355,7 +355,10 @@ def ddp_results(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("setting, forwards", [("ga1", 6), ("ga2", 12), ("ga2_zero_warmup", 10), ("ga2_plain", 6)])
+@pytest.mark.parametrize(
+    "setting, forwards",
+    [("ga1", 6), ("ga2", 12), ("ga2_zero_warmup", 10), ("ga2_plain", 6), ("ga2_zero_warmup_scheduler", 8)],
+)
 def test_ddp_loop_matches_the_trainer(ddp_results, setting, forwards):
     result = ddp_results[setting]
     assert ddp_results["world_size"] == 2 and result["steps"] == 3
