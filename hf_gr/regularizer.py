@@ -104,7 +104,8 @@ class GradientRegularizer:
         lr_scheduler (`torch.optim.lr_scheduler.LRScheduler`, *optional*): the loop's LR scheduler (or the one
             `accelerator.prepare` returned): the warmup's t is its step count.
 
-    Attributes `model`, `args`, `metrics` and `diagnostics_scale` are internal: `GRMixin` sets them per step.
+    The attributes `model`, `accelerator`, `args`, `reuse`, `metrics` and `diagnostics_scale` are internal (`GRMixin`
+    sets some of them per step); a loop needs only the methods and properties above.
     """
 
     def __init__(

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, get_constant_schedule
 
 from hf_gr import GradientRegularizer, GRArguments, schedule
 
@@ -377,15 +377,19 @@ def test_example_script_under_torchrun(ddp_results):
     assert rank0["eval_accuracy"] == rank1["eval_accuracy"] > 0.5  # evaluated on the gathered predictions
 
 
-def test_warmup_follows_the_lr_schedule_when_the_fp16_scaler_skips_a_step():
-    """A step the scaler skips moves neither the LR schedule nor the GR warmup (as in GRTrainer)."""
+@pytest.mark.parametrize("with_scheduler", [False, True])
+def test_warmup_follows_the_lr_schedule_when_the_fp16_scaler_skips_a_step(with_scheduler):
+    """A step the scaler skips moves neither the LR schedule nor the GR warmup (as in GRTrainer), counted by the
+    regularizer or read from the prepared scheduler (which does not step then)."""
     accelerator = Accelerator(cpu=True)
     accelerator.native_amp = True  # accelerate makes no GradScaler on CPU; torch's CPU one drives the same path
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     model = TinyNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model, optimizer = accelerator.prepare(model, optimizer)
-    regularizer = GradientRegularizer(model, accelerator, GRArguments(gr_warmup_strategy="zero", gr_warmup_steps=3))
+    scheduler = accelerator.prepare(get_constant_schedule(optimizer)) if with_scheduler else None
+    args = GRArguments(gr_warmup_strategy="zero", gr_warmup_steps=3)
+    regularizer = GradientRegularizer(model, accelerator, args, lr_scheduler=scheduler)
     data = DictDataset(64)
     passes = []
     for step in range(6):
@@ -399,7 +403,9 @@ def test_warmup_follows_the_lr_schedule_when_the_fp16_scaler_skips_a_step():
         regularizer.backward(loss)
         passes.append(model.forward_calls - before)
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         optimizer.zero_grad()
     assert accelerator.scaler.get_scale() == 2.0**9  # step 1 was skipped
     assert passes == [1, 1, 1, 1, 2, 2]  # GR from step 4 = LR-schedule step 3, not from step 3
-    assert regularizer.state_dict()["warmup_step"] == 5 and regularizer.completed_steps == 6
+    assert regularizer.warmup_step == 5 and regularizer.completed_steps == 6
