@@ -109,7 +109,8 @@ class GradientRegularizer:
     `gr_ascent_fraction` < 1 (sub-batch ascent) needs pass 1 on part of the batch, which `loss_fn` cannot be
     asked for: `backward` refuses it; `GRTrainer` (any `GRMixin` trainer) slices the inputs itself.
 
-    Attributes `model`, `args`, `metrics` and `diagnostics_scale` are internal: `GRMixin` sets them per step.
+    The attributes `model`, `accelerator`, `args`, `reuse`, `metrics` and `diagnostics_scale` are internal (`GRMixin`
+    sets some of them per step); a loop needs only the methods and properties above.
     """
 
     def __init__(
@@ -124,30 +125,11 @@ class GradientRegularizer:
         lr_scheduler: Any = None,
         total_steps: int | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module (the one the loop calls), got {type(model).__name__}.")
-        if args is not None and not isinstance(args, GRArguments):
-            raise TypeError(f"args must be a GRArguments (or a subclass), got {type(args).__name__}.")
         args = args if args is not None else GRArguments()
-        for name, value, least in (("seed", seed, None), ("warmup_steps", warmup_steps, 0),
-                                   ("gradient_accumulation_steps", gradient_accumulation_steps, 1),
-                                   ("total_steps", total_steps, 1)):  # fmt: skip
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or
-                                      (least is not None and value < least)):  # fmt: skip
-                bound = "an integer" if least is None else f"an integer >= {least}"
-                raise ValueError(f"{name} must be {bound} or None, got {value!r}.")
-        if warmup_steps is not None and args.gr_warmup_steps is not None and warmup_steps != args.gr_warmup_steps:
-            raise ValueError(
-                f"warmup_steps={warmup_steps} contradicts args.gr_warmup_steps={args.gr_warmup_steps}: set only one."
-            )
-        if gradient_accumulation_steps is not None and accelerator is not None:
-            own = int(getattr(accelerator, "gradient_accumulation_steps", 1))
-            if gradient_accumulation_steps != own:
-                raise ValueError(
-                    f"gradient_accumulation_steps={gradient_accumulation_steps} contradicts the accelerator's "
-                    f"gradient_accumulation_steps={own}: with an accelerator, its `accumulate` decides which "
-                    "micro-batch ends a step; leave gradient_accumulation_steps unset."
-                )
+        _check_options(model, accelerator, args, seed, warmup_steps, gradient_accumulation_steps)
+        if total_steps is not None and (not isinstance(total_steps, int) or isinstance(total_steps, bool) or
+                                        total_steps < 1):  # fmt: skip
+            raise ValueError(f"total_steps must be an integer >= 1 or None, got {total_steps!r}.")
         self.model = model
         self.accelerator = accelerator
         self.args = args
@@ -527,3 +509,31 @@ def _unwrap_scheduler(lr_scheduler: Any, accelerator: Any) -> tuple[Any, int]:
             f"the one accelerator.prepare returned), got {type(lr_scheduler).__name__}; without one, leave it unset."
         )
     return lr_scheduler, per_step
+
+
+def _check_options(
+    model: Any, accelerator: Any, args: Any, seed: Any, warmup_steps: Any, gradient_accumulation_steps: Any
+) -> None:
+    """Refuse bad or contradictory constructor arguments, naming them."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (the one the loop calls), got {type(model).__name__}.")
+    if not isinstance(args, GRArguments):
+        raise TypeError(f"args must be a GRArguments (or a subclass), got {type(args).__name__}.")
+    for name, value, least in (("seed", seed, None), ("warmup_steps", warmup_steps, 0),
+                               ("gradient_accumulation_steps", gradient_accumulation_steps, 1)):  # fmt: skip
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or
+                                  (least is not None and value < least)):  # fmt: skip
+            bound = "an integer" if least is None else f"an integer >= {least}"
+            raise ValueError(f"{name} must be {bound} or None, got {value!r}.")
+    if warmup_steps is not None and args.gr_warmup_steps is not None and warmup_steps != args.gr_warmup_steps:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} contradicts args.gr_warmup_steps={args.gr_warmup_steps}: set only one."
+        )
+    if gradient_accumulation_steps is not None and accelerator is not None:
+        own = int(getattr(accelerator, "gradient_accumulation_steps", 1))
+        if gradient_accumulation_steps != own:
+            raise ValueError(
+                f"gradient_accumulation_steps={gradient_accumulation_steps} contradicts the accelerator's "
+                f"gradient_accumulation_steps={own}: with an accelerator, its `accumulate` decides which "
+                "micro-batch ends a step; leave gradient_accumulation_steps unset."
+            )

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from . import ascent, checkpoint, gradient, hub, record, schedule
+from . import ascent, checkpoint, gradient, hub, record, schedule, sync
 from .arguments import GRArguments, GRTrainingArguments, optimizer_name, validate_gr_arguments
 from .callbacks import WARMUP_CALLBACKS, GRWarmupCallback
 from .diagnostics import GradientNormProbe, GRDiagnosticsCallback, GRMetrics
@@ -364,7 +364,7 @@ class GRMixin:
         processes = self.accelerator.num_processes
         if processes == 1:
             return "single process"
-        if self.is_fsdp_enabled:
+        if self.is_fsdp_enabled or sync.is_sharded([p for p in self.model.parameters() if p.requires_grad]):
             return f"FSDP2 over {processes} processes, perturbation synced (FSDP2 reduces g1 across replicas)"
         if self.args.gr_sync_perturbation:
             return f"DDP over {processes} processes, perturbation synced (the replica-mean g1, gr_sync_perturbation)"

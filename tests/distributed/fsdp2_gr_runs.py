@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from hf_gr import GradientRegularizer, GRArguments, GRTrainer, GRTrainingArguments  # noqa: E402
 from hf_gr.schedule import StepPlan  # noqa: E402
 
+from gr_testing import GRLogLines  # noqa: E402
+
 WORLD, BATCH, STEPS, LR, R = 2, 4, 3, 0.5, 0.1
 COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_reduce")
 COUNTS: collections.Counter = collections.Counter()
@@ -143,7 +145,8 @@ def run_trainer(path: str, accumulation: int, gr_lambda: float, tmp: str) -> dic
     )  # fmt: skip
     trainer = SequentialTrainer(model=model, args=args, train_dataset=TokenRows())
     COUNTS.clear()
-    trainer.train()
+    with GRLogLines() as logged:
+        trainer.train()
     counts = dict(COUNTS)
     trainer.save_model(os.path.join(args.output_dir, "final"))
     return {
@@ -152,6 +155,7 @@ def run_trainer(path: str, accumulation: int, gr_lambda: float, tmp: str) -> dic
         "saved": sorted(os.listdir(os.path.join(args.output_dir, "final"))) if dist.get_rank() == 0 else None,
         "is_fsdp_managed": type(model).__name__,
         "kinds": [e.get("gr_step_fraction") for e in trainer.state.log_history if "gr_step_fraction" in e],
+        "gr_log": logged.lines,
     }
 
 
