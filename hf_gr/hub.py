@@ -67,6 +67,8 @@ def gr_card_metadata(
         "gr_interval": args.gr_interval,
         "gr_probability": args.gr_probability,
         "gr_reuse": args.gr_reuse,
+        "gr_ascent_fraction": args.gr_ascent_fraction,
+        "gr_probability_end": args.gr_probability_end,
         "optimizer": optimizer_name(args),
         "learning_rate": getattr(args, "learning_rate", None),
         "weight_decay": getattr(args, "weight_decay", None),

@@ -26,6 +26,8 @@ SETTINGS = (
     "gr_probability",
     "gr_reuse",
     "gr_sync_perturbation",
+    "gr_ascent_fraction",
+    "gr_probability_end",
 )
 
 

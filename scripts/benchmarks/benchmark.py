@@ -4,12 +4,14 @@
     python scripts/benchmarks/benchmark.py                      # the paper's ViT-Ti for CIFAR, batch 24, 1 thread
     python scripts/benchmarks/benchmark.py --quick --json out.json
     python scripts/benchmarks/benchmark.py --quick --profile gr_reuse4   # where one configuration's time goes
+    python scripts/benchmarks/benchmark.py --quick --no-memory --configs plain,peer_sam,gr_ascent25,gr_ascent25_p05
 
 Times, interleaved in one process, whole cycles of consecutive optimizer steps (8 by default: one sample per
 configuration per round, the order rotating, warm-up rounds discarded, torch threads fixed) of: a plain `Trainer`,
 `GRTrainer` finite-difference GR at α = 0.5 and α = 1, `GRTrainer` inside the zero-warmup phase,
 `gr_method="exact"`, the peer `pytorch_optimizer.SAM` around AdamW, plain/GR with gradient accumulation 2, and the
-cheaper modes at α = 1: `gr_probability=0.5`, `gr_interval=4`, `gr_interval=4` with `gr_reuse`. Ratios are
+cheaper modes at α = 1: `gr_probability=0.5`, `gr_interval=4`, `gr_interval=4` with `gr_reuse`, sub-batch ascent
+`gr_ascent_fraction=0.25` alone and with `gr_probability=0.5`. Ratios are
 medians of per-round ratios. First runs each configuration in its own (forked) subprocess for memory: the live
 tensor bytes at each pass's start (GR's extra buffers over the parameter bytes) and peak RSS as a cross-check.
 Prints a table; `--json PATH` writes every number as flat keys.
@@ -46,6 +48,9 @@ TARGETS: Mapping[str, tuple[float, str]] = MappingProxyType(
         "gr_interval4_over_plain": (1.30, "floor 1.25"),
         "gr_reuse4_over_plain": (1.32, "floor 1.25"),
         "gr_p05_over_peer_sam": (0.80, "peer"),
+        "gr_ascent25_over_plain": (1.35, "floor 1.25"),
+        "gr_ascent25_over_peer_sam": (0.70, "peer"),
+        "gr_ascent25_p05_over_plain": (1.20, "floor 1.125"),
         "extra_bytes_over_param_bytes": (1.05, "floor 1.0: θ copy"),
         "extra_bytes_over_param_bytes_ga": (2.05, "floor 2.0"),
         "extra_bytes_over_param_bytes_reuse": (2.05, "floor 2.0: θ copy, u"),
@@ -67,6 +72,11 @@ RATIO_ROWS = (
     "gr_reuse4_over_gr_interval4",
     "gr_p05_over_peer_sam",
     "gr_p05_over_peer_sam_at_p",
+    "gr_ascent25_over_plain",
+    "gr_ascent25_over_peer_sam",
+    "gr_ascent25_over_gr_a1",
+    "gr_ascent25_p05_over_plain",
+    "gr_ascent25_p05_over_plain_at_p",
 )
 MEMORY_ROWS: Mapping[str, str] = MappingProxyType(
     {  # key: what GR holds beyond the plain step
