@@ -59,8 +59,8 @@ class GRMixin:
     With `gr_ascent_fraction` < 1 pass 1 runs on the first ⌈f·B⌉ samples of each micro-batch (`hf_gr.ascent`),
     passing `num_items_in_batch` on unchanged (only the direction of its g1 is used, and a direction does not
     depend on the loss's normalization); pass 2 runs on the whole micro-batch. The loss such a step returns (and
-    logs) is then pass 2's, L(θ + ε) on the whole micro-batch, and what the parent records per `compute_loss` call
-    (TRL's metrics, token counts) is pass 2's.
+    logs) is then pass 2's, L(θ + ε) on the whole micro-batch, what the parent records per `compute_loss` call
+    (TRL's metrics, token counts) is pass 2's, and the diagnostics' ‖g1‖ and cos(g1, g2) are of the sub-batch's g1.
     """
 
     args: GRArguments

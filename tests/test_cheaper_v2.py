@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from hf_gr import GradientRegularizer, GRArguments, GRTrainer, schedule
+from hf_gr import GradientRegularizer, GRArguments, GRTrainer, ascent, schedule
 from hf_gr.trainer import _GRStepCallback
 
 from gpu_check_lib import count_host_syncs
@@ -187,6 +187,24 @@ def test_the_logged_loss_with_a_sub_batch_is_the_whole_batch_at_the_perturbed_po
 def test_bad_values_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         GRArguments(**{"gr_lambda": R, "gr_r": R, **overrides})
+
+
+@pytest.mark.parametrize("strategy, sub_batch", [("r", True), ("zero", True), ("lambda", False)])
+def test_which_warmup_steps_take_a_sub_batch(strategy, sub_batch):
+    """r- and zero-warmup keep α_t = 1 exactly (a sub-batch); λ-warmup's α_t < 1 needs the whole micro-batch."""
+    for fraction in (0.1, 0.3, 0.7):
+        gr_lambda, gr_r = schedule.warmup_coefficients(strategy, R, R, fraction)
+        plan = schedule.plan_step(gr_lambda, gr_r, 0)
+        if plan.kind == "gr":
+            assert ascent.pass_fraction(plan, 0.25) == (0.25 if sub_batch else 1.0)
+    assert ascent.pass_fraction(schedule.plan_step(R, R, 0), 0.25) == 0.25  # after the warmup: α = 1
+    assert ascent.pass_fraction(schedule.plan_step(0.0, R, 0), 0.25) == 1.0  # a plain step
+
+
+def test_sub_batch_size_is_the_ceiling():
+    assert [ascent.ascent_size(b, f) for b, f in ((32, 0.25), (30, 0.1), (10, 0.25), (3, 0.01), (8, 1.0))] == [
+        8, 3, 3, 1, 8,
+    ]  # fmt: skip
 
 
 def test_sub_batch_ascent_with_gr_off_is_accepted():
