@@ -21,7 +21,7 @@ from gr_testing import DictDataset, free_port, max_rel_err
 
 SCRIPT = Path(__file__).parent / "distributed" / "routing_runs.py"
 sys.path.insert(0, str(SCRIPT.parent))
-from routing_runs import BATCH, LAMBDA, R, WORLD, RoutedNet  # noqa: E402
+from routing_runs import BATCH, LAMBDA, WORLD, R, RoutedNet  # noqa: E402
 
 ONLY_PASS_1, ONLY_PASS_2, NEITHER = "experts.0.weight", "experts.1.weight", "unused.weight"
 
