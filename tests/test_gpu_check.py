@@ -78,6 +78,7 @@ def test_dry_run_correctness_checks_pass(dry_run):
     assert c["host_sync"]["python_reads_gr_step"] == 0 and c["host_sync"]["passed"] is True
     assert c["fsdp2"]["gr_step_passed"] is True and c["fsdp2"]["rel_err"] < 1e-6, c["fsdp2"]  # torchrun, world 1
     assert c["fsdp2"]["world_size"] == 1 and "error" not in c["fsdp2"]
+    assert c["fsdp2"]["diagnostics_logged"] is True, c["fsdp2"]  # the diagnostics step under FSDP2 ran
     assert c["multi_device_norm"]["passed"] is True
 
 
