@@ -168,6 +168,55 @@ def test_the_logged_loss_with_a_sub_batch_is_the_whole_batch_at_the_perturbed_po
     assert trainer.state.log_history[0]["loss"] == pytest.approx(float(want), rel=1e-5)
 
 
+def test_sft_sub_batch_ascent_matches_the_reference_and_counts_every_token_once(tmp_path):
+    """TRL's SFTTrainer: the padded LM batch is sliced by row; SFT's token count is the whole batch's, once."""
+    pytest.importorskip("trl")
+    from test_trl import (
+        CapturingGRSFTTrainer,
+        GRSFTConfig,
+        Recorder,
+        make_lm,
+        make_text_dataset,
+        make_tokenizer,
+        sft_args,
+        sft_loss,
+    )  # fmt: skip
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = make_tokenizer()
+    model, reference = make_lm(tokenizer), make_lm(tokenizer)
+    args = sft_args(tmp_path, GRSFTConfig, max_steps=1, gr_lambda=R, gr_r=R, gr_ascent_fraction=0.5)
+    trainer = CapturingGRSFTTrainer(model=model, args=args, train_dataset=make_text_dataset(),
+                                    processing_class=tokenizer)  # fmt: skip
+    recorder = Recorder(model)
+    trainer.add_callback(recorder)
+    trainer.train()
+    ((batch, num_items),) = trainer.seen
+    assert len(batch["input_ids"]) == 4
+
+    params = {n: p.detach() for n, p in reference.named_parameters() if p.requires_grad}
+
+    def grad(point, rows):
+        leaves = {n: p.clone().requires_grad_(True) for n, p in point.items()}
+        loss = sft_loss(reference, leaves, {k: v[:rows] for k, v in batch.items()}, num_items)
+        return list(torch.autograd.grad(loss, list(leaves.values())))
+
+    g1 = grad(params, 2)
+    norm = _norm(g1)
+    g2 = grad({n: p + (R / norm).float() * g for (n, p), g in zip(params.items(), g1)}, 4)
+    assert max_rel_err(recorder.grads[0], g2) < 1e-5
+    g1_whole = grad(params, 4)  # the control: the whole batch's direction gives another update
+    norm = _norm(g1_whole)
+    other = grad({n: p + (R / norm).float() * g for (n, p), g in zip(params.items(), g1_whole)}, 4)
+    assert max_rel_err(recorder.grads[0], other) > 1e-4
+
+    plain = SFTTrainer(model=make_lm(tokenizer), args=sft_args(tmp_path, SFTConfig, output_dir=str(tmp_path / "p"),
+                       max_steps=1), train_dataset=make_text_dataset(), processing_class=tokenizer)  # fmt: skip
+    plain.train()
+    tokens = [[e.get("num_tokens") for e in t.state.log_history if "loss" in e] for t in (trainer, plain)]
+    assert tokens[0] == tokens[1] and tokens[1][0] > 0
+
+
 # ---- refusals ----
 
 
