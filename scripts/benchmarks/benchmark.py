@@ -162,7 +162,7 @@ def format_table(results: Mapping[str, Any], names: list[str]) -> str:
         f"{results['measured_rounds']} rounds of {results['cycle_steps']} steps "
         f"(+{results['warmup_rounds']} warm-up), interleaved",
         "",
-        f"{'configuration':<13} {'s/step':>7} {'min':>7} {'max':>7} {'× base':>7} {'GR frac':>7} "
+        f"{'configuration':<15} {'s/step':>7} {'min':>7} {'max':>7} {'× base':>7} {'GR frac':>7} "
         f"{'bookkeeping':>11} {'extra/param: pass start':>23} {'points':>7} {'RSS':>7}",
     ]
     for name in names:
@@ -173,7 +173,7 @@ def format_table(results: Mapping[str, Any], names: list[str]) -> str:
         over = None if over is None else results[f"{name}_median_s"] / over
         extra = [results.get(f"{name}_extra_bytes_over_param_bytes{s}") for s in bench.MEMORY_MEASURES]
         lines.append(
-            f"{name:<13} {results[f'{name}_median_s']:>7.3f} {results[f'{name}_min_s']:>7.3f} "
+            f"{name:<15} {results[f'{name}_median_s']:>7.3f} {results[f'{name}_min_s']:>7.3f} "
             f"{results[f'{name}_max_s']:>7.3f} {_fmt(over):>7} {results[f'{name}_gr_fraction']:>7.3f} "
             f"{results[f'{name}_overhead_fraction']:>11.2%} {_fmt(extra[0]):>23} {_fmt(extra[1]):>7} "
             f"{_fmt(extra[2]):>7}"
