@@ -317,7 +317,13 @@ class GRMixin:
             logger.warning("%s-warmup has W = 0 (no LR warmup and no gr_warmup_steps): full GR from the first step.",
                            self.gr_warmup.strategy)  # fmt: skip
         settings = record.settings_of(self.args, self.gr_warmup_length())
-        changed = self._gr_record().start(state, settings)
+        recorded = self._gr_record()
+        changed = recorded.start(state, settings)
+        if main and recorded.segments[0]["first_step"] > 1:
+            logger.warning(
+                "The checkpoint at step %d holds no record of the GR settings its steps ran with: the checkpoints and "
+                "the model card record steps %d onwards only.", state.global_step, state.global_step + 1,
+            )  # fmt: skip
         if main and changed:
             logger.warning(
                 "Resuming at step %d with changed GR settings: %s. The checkpoints and the model card record each "
