@@ -192,7 +192,7 @@ class GRMixin:
                 gr_lambda, gr_r = self.gr_warmup.coefficients(a.gr_lambda, a.gr_r, fraction)
             else:
                 gr_lambda, gr_r = schedule.warmup_coefficients(a.gr_warmup_strategy, a.gr_lambda, a.gr_r, fraction)
-            self._gr_plan = self.gr_regularizer.plan_from(gr_lambda, gr_r, self.state.global_step)
+            self._gr_plan = self.gr_regularizer._plan_from(gr_lambda, gr_r, self.state.global_step)
         return self._gr_plan
 
     def _gr_schedule_step(self) -> int:
@@ -232,9 +232,9 @@ class GRMixin:
         if recording and plan.kind != GR:
             trainable = [p for p in model.parameters() if p.requires_grad]
             with GradientNormProbe(trainable, regularizer.diagnostics_scale, self.gr_metrics.add):
-                loss = regularizer.step(run_pass, plan, self.accelerator.sync_gradients)
+                loss = regularizer._micro_batch(run_pass, plan, self.accelerator.sync_gradients)
         else:
-            loss = regularizer.step(run_pass, plan, self.accelerator.sync_gradients)
+            loss = regularizer._micro_batch(run_pass, plan, self.accelerator.sync_gradients)
         if passes == 2:
             self.current_flos += float(self.floating_point_ops(inputs))  # the loop counts one pass
         return loss
@@ -446,7 +446,7 @@ class _GRStepCallback(TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._gr_plan = None
-        self.trainer.gr_regularizer.start_step()
+        self.trainer.gr_regularizer._start_step()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer = self.trainer
