@@ -47,7 +47,12 @@ class GRMixin:
     schedule's step count, then `gr_interval`, `gr_probability` and `gr_reuse` pick GR, plain or reuse steps.
     A GR step's micro-batches run `GradientRegularizer`'s two passes around the parent's own `training_step`
     (so its loss scaling, mixed precision and `compute_loss` apply to both); the others run the parent's step
-    once. The Trainer's clipping, optimizer step and scheduler then run unchanged on `.grad`.
+    once. The Trainer's clipping, optimizer step and scheduler then run unchanged on `.grad`. With
+    `gr_method="exact"` the parent's step runs once, with λ·‖∇L‖₂ added to whatever its `compute_loss` returns.
+
+    At train start it logs how GR runs (single process, DDP or FSDP2 over N processes, and whether the perturbation
+    is per replica or synced), and every checkpoint records the GR settings in force with the optimizer steps they
+    ran for (`hf_gr.record`); a resume with other settings warns, naming each change.
 
     Logged with every training log entry: `gr_lambda` and `gr_r` (what the last step applied; λ = 0 on a plain or
     reuse step), `gr_step_fraction` and `gr_reuse_fraction` (the share of optimizer steps since the last log that
