@@ -401,6 +401,9 @@ class GRMixin:
             hub.add_gr_to_model_card(os.path.join(self.args.output_dir, "README.md"), metadata)
 
 
+_GR_METHODS = ("__init__", "training_step", "log", "train")  # what a Trainer base listed before GRMixin would shadow
+
+
 def _check_mixin_comes_first(cls: type) -> None:
     """Raise when a `Trainer` (sub)class precedes `GRMixin` in `cls`'s MRO with its own `__init__`, `training_step`,
     `log` or `train`: that one is reached first, and `Trainer`'s own never call `super()` (not even `__init__`), so
@@ -419,9 +422,6 @@ def _check_mixin_comes_first(cls: type) -> None:
         f"{', '.join(bypassed)} {verb} reached before GR's and the model may train without GR: put GR first, "
         f"`class {cls.__name__}({', '.join(b.__name__ for b in ordered)})`."
     )
-
-
-_GR_METHODS = ("__init__", "training_step", "log", "train")
 
 
 def _first_definer(mro: tuple[type, ...], name: str) -> type | None:
