@@ -401,16 +401,14 @@ class GRMixin:
             hub.add_gr_to_model_card(os.path.join(self.args.output_dir, "README.md"), metadata)
 
 
-_GR_METHODS = ("__init__", "training_step", "log", "train")  # what a Trainer base listed before GRMixin would shadow
-
-
 def _check_mixin_comes_first(cls: type) -> None:
-    """Raise when a `Trainer` (sub)class precedes `GRMixin` in `cls`'s MRO with its own `__init__`, `training_step`,
-    `log` or `train`: that one is reached first, and `Trainer`'s own never call `super()` (not even `__init__`), so
-    the model would train plain without a word."""
+    """Raise when a `Trainer` (sub)class precedes `GRMixin` in `cls`'s MRO with its own version of a method GR
+    overrides (`__init__`, `training_step`, `log`, `train`, ...): that one is reached first, and `Trainer`'s own never
+    call `super()` (not even `__init__`), so the model would train plain without a word."""
     mro = cls.__mro__
     before = [c for c in mro[: mro.index(GRMixin)] if issubclass(c, Trainer) and not issubclass(c, GRMixin)]
-    reached = {name: _first_definer(mro, name) for name in _GR_METHODS}
+    overridden = [name for name, value in vars(GRMixin).items() if callable(value) and name != "__init_subclass__"]
+    reached = {name: _first_definer(mro, name) for name in overridden}
     bypassed = [name for name, owner in reached.items() if owner in before]
     if not bypassed:
         return
