@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import Dataset, SequentialSampler
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, TrainerCallback
 
 from hf_gr import GRTrainer, GRTrainingArguments
 
@@ -138,6 +138,25 @@ def grads_of(model: nn.Module) -> list[torch.Tensor]:
 
 def params_of(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
+
+
+class StepUpdates(TrainerCallback):
+    """Records the parameters before and after each optimizer step: with plain SGD (no momentum, weight decay or
+    clipping) at learning rate lr, (before − after)/lr is the gradient the step applied."""
+
+    def __init__(self) -> None:
+        self.before: list[list[torch.Tensor]] = []
+        self.after: list[list[torch.Tensor]] = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.before.append(params_of(model))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.after.append(params_of(model))
+
+    def applied(self, lr: float) -> list[list[torch.Tensor]]:
+        """The gradient each step applied."""
+        return [[(b - a) / lr for a, b in zip(after, before)] for before, after in zip(self.before, self.after)]
 
 
 def max_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
