@@ -111,12 +111,13 @@ def _replica_batches(accumulation: int) -> list[list[dict]]:
     return [[data.batch((m * WORLD + r) * BATCH, BATCH) for r in range(WORLD)] for m in range(accumulation)]
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_ddp_gr_counts_a_missing_gradient_as_zero(routed, accumulation):
-    run = routed[f"ddp_ga{accumulation}"]
+@pytest.mark.parametrize("run_name, accumulation, alpha", [("ddp_ga1", 1, LAMBDA / R), ("ddp_ga2", 2, LAMBDA / R),
+                                                           ("ddp_sam", 1, 1.0)])  # fmt: skip
+def test_ddp_gr_counts_a_missing_gradient_as_zero(routed, run_name, accumulation, alpha):
+    run = routed[run_name]
     assert run["find_unused_parameters"]
     (got,) = run["grads"]
-    want = reference_gr_grads(RoutedNet(), _replica_batches(accumulation), LAMBDA / R)
+    want = reference_gr_grads(RoutedNet(), _replica_batches(accumulation), alpha)
     assert got[NEITHER] is None
     assert _err(got, want) < 1e-6
     assert _err(got, want, [ONLY_PASS_1]) < 1e-6 and _err(got, want, [ONLY_PASS_2]) < 1e-6

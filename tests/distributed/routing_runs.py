@@ -63,10 +63,10 @@ class CaptureGrads(TrainerCallback):
 
 def run_ddp(tmp: str, name: str, **overrides) -> dict:
     """GRTrainer over DDP; SGD with lr 0 unless `optim` is given (the gradients are what is compared)."""
+    values = dict(optim="sgd", learning_rate=0.0, weight_decay=0.0, max_steps=1, gr_lambda=LAMBDA)
     args = make_args(
         _Path(tmp), output_dir=os.path.join(tmp, name), per_device_train_batch_size=BATCH, logging_strategy="no",
-        lr_scheduler_type="constant", max_grad_norm=0.0, gr_lambda=LAMBDA, gr_r=R,
-        **{"optim": "sgd", "learning_rate": 0.0, "weight_decay": 0.0, "max_steps": 1, **overrides},
+        lr_scheduler_type="constant", max_grad_norm=0.0, gr_r=R, **{**values, **overrides},
     )  # fmt: skip
     model = RoutedNet()
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -117,6 +117,7 @@ def main() -> None:
     results["fsdp2_ga1_sam"] = run_fsdp2(1, 1.0)
     results["ddp_ga1"] = run_ddp(tmp, "ddp_ga1")
     results["ddp_ga2"] = run_ddp(tmp, "ddp_ga2", gradient_accumulation_steps=2)
+    results["ddp_sam"] = run_ddp(tmp, "ddp_sam", gr_lambda=R)  # α = 1: g1 is not kept
     # AdamW with weight decay: the `unused` layer must keep `.grad = None`, so that it does not move
     results["ddp_sync"] = run_ddp(
         tmp, "ddp_sync", gr_sync_perturbation=True, optim="adamw_torch", learning_rate=1e-3, weight_decay=0.1,
