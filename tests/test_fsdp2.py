@@ -207,3 +207,10 @@ def test_grtrainer_under_fsdp2_collectives(fsdp_results):
     assert gr["reduce_scatter_single"] == 2 * plain["reduce_scatter_single"]
     assert gr["all_gather_single"] == 2 * plain["all_gather_single"]
     assert gr.get("all_reduce", 0) - plain.get("all_reduce", 0) == 2  # one scalar all-reduce per GR micro-batch
+
+
+def test_grtrainer_under_fsdp2_says_so_at_train_start(fsdp_results):
+    results, _ = fsdp_results
+    assert [line for line in results["trainer_gr_ga1"]["gr_log"] if line.startswith("GR: ")] == [
+        "GR: FSDP2 over 2 processes, perturbation synced (FSDP2 reduces g1 across replicas)."
+    ]

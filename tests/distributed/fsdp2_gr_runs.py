@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from hf_gr import GradientRegularizer, GRArguments, GRTrainer, GRTrainingArguments  # noqa: E402
 from hf_gr.schedule import StepPlan  # noqa: E402
 
+from gr_testing import GRLogLines  # noqa: E402
+
 WORLD, BATCH, STEPS, LR, R = 2, 4, 3, 0.5, 0.1
 COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_reduce")
 COUNTS: collections.Counter = collections.Counter()
@@ -81,7 +83,7 @@ def run_mlp(accumulation: int, alpha: float, kind: str = "gr", mixed: bool = Fal
         COUNTS.clear()
         step_kind = kinds[step] if kinds else kind
         plan = StepPlan(step_kind, alpha * R if step_kind == "gr" else 0.0, R)
-        regularizer.start_step()
+        regularizer._start_step()
         for j in range(accumulation):
             micro = step * accumulation + j
             rows = slice(rank * BATCH, (rank + 1) * BATCH)
@@ -98,7 +100,7 @@ def run_mlp(accumulation: int, alpha: float, kind: str = "gr", mixed: bool = Fal
                 run_pass()
                 model.set_requires_gradient_sync(True)
             else:
-                regularizer.step(run_pass, plan, last)
+                regularizer._micro_batch(run_pass, plan, last)
             restored &= all(torch.equal(a, local(p)) for a, p in zip(before, model.parameters()))
         with torch.no_grad():
             for p in model.parameters():
@@ -187,7 +189,8 @@ def run_trainer(path: str, accumulation: int, gr_lambda: float, tmp: str) -> dic
     )  # fmt: skip
     trainer = SequentialTrainer(model=model, args=args, train_dataset=TokenRows())
     COUNTS.clear()
-    trainer.train()
+    with GRLogLines() as logged:
+        trainer.train()
     counts = dict(COUNTS)
     trainer.save_model(os.path.join(args.output_dir, "final"))
     return {
@@ -196,6 +199,7 @@ def run_trainer(path: str, accumulation: int, gr_lambda: float, tmp: str) -> dic
         "saved": sorted(os.listdir(os.path.join(args.output_dir, "final"))) if dist.get_rank() == 0 else None,
         "is_fsdp_managed": type(model).__name__,
         "kinds": [e.get("gr_step_fraction") for e in trainer.state.log_history if "gr_step_fraction" in e],
+        "gr_log": logged.lines,
     }
 
 
