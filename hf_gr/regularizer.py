@@ -9,11 +9,14 @@ It runs the two passes of a GR step around a function that does one forward and 
 3. pass 2 at θ + ε with the same random masks. As each parameter's g2 arrives, a gradient hook forms
    g1 + α·(g2 − g1) + A in g1's storage and hands it to autograd, so under DDP the last micro-batch's all-reduce
    carries the combined gradient (one all-reduce per optimizer step, as in plain training). Under FSDP2 (hooks
-   on sharded parameters do not fire) the combination is formed on the shards after pass 2;
+   on sharded parameters do not fire) the combination is formed on the shards after pass 2. A gradient missing
+   from one pass (a parameter that data-dependent routing or an early exit leaves out of that pass's graph)
+   counts as 0: α·g2 + A for a parameter only in pass 2, (1 − α)·g1 + A for one only in pass 1;
 4. θ restored bit for bit from a copy. When a pass raises, θ and `.grad` (= A) are left exactly as before.
 
-Nothing here reads a value back to the host: a zero or non-finite ‖g1‖ is handled on the device (a zero g1 gives
-a plain step, a non-finite one a non-finite gradient that the fp16 scaler skips).
+Nothing here reads a value back to the host: a zero or non-finite ‖g1‖ is handled on the device (a zero g1, or one
+below the norm floor of its dtype, gives a plain step, counted on the device for `pop_degenerate_fraction`; a
+non-finite one gives a non-finite gradient that the fp16 scaler skips).
 """
 
 from __future__ import annotations
@@ -104,8 +107,10 @@ class GradientRegularizer:
         lr_scheduler (`torch.optim.lr_scheduler.LRScheduler`, *optional*): the loop's LR scheduler (or the one
             `accelerator.prepare` returned): the warmup's t is its step count.
 
-    The attributes `model`, `accelerator`, `args`, `reuse`, `metrics` and `diagnostics_scale` are internal (`GRMixin`
-    sets some of them per step); a loop needs only the methods and properties above.
+    `pop_degenerate_fraction()` says which share of the GR micro-batches since its last call had no direction and
+    ran as plain steps (`GRTrainer` logs it as `gr_degenerate_fraction`). The attributes `model`, `accelerator`,
+    `args`, `reuse`, `metrics` and `diagnostics_scale` are internal (`GRMixin` sets some of them per step); a loop
+    needs only the methods and properties above.
     """
 
     def __init__(

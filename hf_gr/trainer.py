@@ -51,7 +51,9 @@ class GRMixin:
 
     Logged with every training log entry: `gr_lambda` and `gr_r` (what the last step applied; λ = 0 on a plain or
     reuse step), `gr_step_fraction` and `gr_reuse_fraction` (the share of optimizer steps since the last log that
-    were GR and reuse steps), and the diagnostics of `GRDiagnosticsCallback` when it measured.
+    were GR and reuse steps), `gr_degenerate_fraction` (the share of GR micro-batches whose ‖g1‖ gave no direction,
+    so that they ran as plain steps; warned about once when non-zero), and the diagnostics of
+    `GRDiagnosticsCallback` when it measured.
     """
 
     args: GRArguments

@@ -76,7 +76,8 @@ def _err(got: dict, want: dict, names=None) -> float:
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_single_process_gr_counts_a_missing_gradient_as_zero(accumulation, alpha, diagnostics):
     model, data = RoutedNet(), DictDataset(48)
-    regularizer = GradientRegularizer(model, args=GRArguments(gr_lambda=alpha * R, gr_r=R, gr_warmup_strategy="none"))
+    arguments = GRArguments(gr_lambda=alpha * R, gr_r=R, gr_warmup_strategy="none")
+    regularizer = GradientRegularizer(model, args=arguments, gradient_accumulation_steps=accumulation)
     if diagnostics:  # the measuring path keeps g1 even at α = 1
         regularizer.metrics = lambda key, value: None
     batches = [data.batch(BATCH * i, BATCH) for i in range(accumulation)]

@@ -94,7 +94,8 @@ def run_fsdp2(accumulation: int, alpha: float) -> dict:
     for expert in model.experts:
         fully_shard(expert)
     fully_shard(model)
-    regularizer = GradientRegularizer(model, args=GRArguments(gr_lambda=alpha * R, gr_r=R, gr_warmup_strategy="none"))
+    arguments = GRArguments(gr_lambda=alpha * R, gr_r=R, gr_warmup_strategy="none")
+    regularizer = GradientRegularizer(model, args=arguments, gradient_accumulation_steps=accumulation)
     data = DictDataset(48)
     for micro in range(accumulation):  # the gradients of one optimizer step, summed in `.grad`
         batch = data.batch((micro * WORLD + rank) * BATCH, BATCH)
