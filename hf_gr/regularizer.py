@@ -15,8 +15,8 @@ It runs the two passes of a GR step around a function that does one forward and 
 4. θ restored bit for bit from a copy. When a pass raises, θ and `.grad` (= A) are left exactly as before.
 
 Nothing here reads a value back to the host: a zero or non-finite ‖g1‖ is handled on the device (a zero g1, or one
-below the norm floor of its dtype, gives a plain step, counted on the device for `pop_degenerate_fraction`; a
-non-finite one gives a non-finite gradient that the fp16 scaler skips).
+below the norm floor of its dtype, gives a plain step, counted on the device and logged by `GRTrainer` as
+`gr_degenerate_fraction`; a non-finite one gives a non-finite gradient that the fp16 scaler skips).
 """
 
 from __future__ import annotations
@@ -107,10 +107,8 @@ class GradientRegularizer:
         lr_scheduler (`torch.optim.lr_scheduler.LRScheduler`, *optional*): the loop's LR scheduler (or the one
             `accelerator.prepare` returned): the warmup's t is its step count.
 
-    `pop_degenerate_fraction()` says which share of the GR micro-batches since its last call had no direction and
-    ran as plain steps (`GRTrainer` logs it as `gr_degenerate_fraction`). The attributes `model`, `accelerator`,
-    `args`, `reuse`, `metrics` and `diagnostics_scale` are internal (`GRMixin` sets some of them per step); a loop
-    needs only the methods and properties above.
+    The attributes `model`, `accelerator`, `args`, `reuse`, `metrics` and `diagnostics_scale` are internal (`GRMixin`
+    sets some of them per step); a loop needs only the methods and properties above.
     """
 
     def __init__(
@@ -431,7 +429,7 @@ class GradientRegularizer:
         self._degenerate = degenerate if self._degenerate is None else self._degenerate + degenerate
         self._gr_micro_batches += 1
 
-    def pop_degenerate_fraction(self) -> torch.Tensor | None:
+    def _pop_degenerate_fraction(self) -> torch.Tensor | None:
         """The share of GR micro-batches since the last call whose ‖g1‖ was zero or below the norm floor of the
         gradients' dtype, so that GR had no direction and the micro-batch ran as a plain step (for example fp16
         gradients without a loss scaler, which underflow). A device tensor (read it where values are read anyway,

@@ -304,7 +304,7 @@ class GRMixin:
         """Add GR's metrics to every training log entry (the step's λ, r; the fractions; the diagnostics)."""
         if "loss" in logs:
             logs["gr_lambda"], logs["gr_r"] = self._gr_last_plan.gr_lambda, self._gr_last_plan.gr_r
-            degenerate = self.gr_regularizer.pop_degenerate_fraction()
+            degenerate = self.gr_regularizer._pop_degenerate_fraction()
             if degenerate is not None:
                 self.gr_metrics.add("gr_degenerate_fraction", degenerate)
             logs.update(self.gr_metrics.pop_means(self.args.device if self.args.world_size > 1 else None))

@@ -62,13 +62,13 @@ def test_micro_batches_without_a_direction_are_counted():
     """A zero g1 has no direction: that GR micro-batch runs as a plain step, and counts (1 of 2 here)."""
     model, data = TinyNet(), DictDataset(32)
     regularizer = GradientRegularizer(model, args=GRArguments(gr_lambda=0.05, gr_r=0.1, gr_warmup_strategy="none"))
-    assert regularizer.pop_degenerate_fraction() is None  # nothing ran yet
+    assert regularizer._pop_degenerate_fraction() is None  # nothing ran yet
     for scale in (0.0, 1.0):
         batch = data.batch(0, 8)
         regularizer.backward(lambda batch=batch, scale=scale: model(**batch)["loss"] * scale)
-    fraction = regularizer.pop_degenerate_fraction()
+    fraction = regularizer._pop_degenerate_fraction()
     assert isinstance(fraction, torch.Tensor) and float(fraction) == 0.5
-    assert regularizer.pop_degenerate_fraction() is None  # popped
+    assert regularizer._pop_degenerate_fraction() is None  # popped
 
 
 def _fp16_trainer(tmp_path, loss_scale: float):
