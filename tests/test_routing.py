@@ -124,6 +124,20 @@ def test_ddp_gr_counts_a_missing_gradient_as_zero(routed, run_name, accumulation
     assert _err(got, want, [ONLY_PASS_1]) < 1e-6 and _err(got, want, [ONLY_PASS_2]) < 1e-6
 
 
+@pytest.mark.parametrize("run_name, accumulation, synced", [("ddp_data_ga1", 1, False), ("ddp_data_ga2", 2, False),
+                                                            ("ddp_data_sync", 1, True)])  # fmt: skip
+def test_ddp_gr_with_a_layer_only_some_replicas_use(routed, run_name, accumulation, synced):
+    """`deep` is in one replica's graphs only (a data-dependent early exit), besides the flipping experts."""
+    batches = _replica_batches(accumulation)
+    assert all([float(b["x"].sum()) > 0 for b in replicas].count(True) == 1 for replicas in batches)
+    (got,) = routed[run_name]["grads"]
+    want = reference_gr_grads(RoutedNet(exit_by_data=True), batches, LAMBDA / R, synced=synced)
+    assert got[NEITHER] is None
+    assert _err(got, want) < 1e-6
+    for name in ("deep.weight", ONLY_PASS_1, ONLY_PASS_2):
+        assert _err(got, want, [name]) < 1e-6, name
+
+
 def test_ddp_synced_perturbation_leaves_unused_parameters_without_gradient(routed):
     """AdamW with weight decay: a layer no replica uses keeps `.grad = None` and does not move, as in plain
     training; step 1's gradient is the reference with ε along the replicas' mean g1."""
