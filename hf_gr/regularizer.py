@@ -332,7 +332,7 @@ class GradientRegularizer:
             if self.metrics is not None:
                 self.metrics("gr_grad_norm", norm / self.diagnostics_scale)
             with_g1 = {id(p) for p in params}
-            for p in trainable:  # A stays in `.grad` only where pass 2 adds nothing to it (DDP reads it there)
+            for p in trainable:  # without a g1, A stays in `.grad` (DDP may read it), unless FSDP2 adds g2 to it
                 p.grad = None if id(p) in with_g1 or sharded else a_of.get(id(p))
             replay.set_rng_state(rng)
             if sharded:
@@ -353,7 +353,15 @@ class GradientRegularizer:
                     handles.append(self.model.register_forward_hook(combination.finish_unreached))
                 with replay.frozen_running_stats(self.model):
                     run_pass()
-                combination.finish_unfired()
+                unfired = combination.finish_unfired()
+                if unfired and sync.reduces_only_used_parameters(self.model):
+                    raise RuntimeError(
+                        f"GR's perturbation changed which parameters the model uses: {unfired} parameter(s) had a "
+                        "gradient at θ but none at θ + ε (data-dependent routing or an early exit), which DDP "
+                        "without find_unused_parameters cannot all-reduce. Set ddp_find_unused_parameters=True "
+                        "(TrainingArguments) or find_unused_parameters=True (DistributedDataParallel, or accelerate's "
+                        "DistributedDataParallelKwargs)."
+                    )
         except BaseException:
             gradient.put_back_(trainable, accumulated)
             raise
@@ -512,11 +520,15 @@ class _Combination:
             if self.has_g1[i] and not self.done[i] and id(p) not in reached:
                 p.grad = self._without_g2(i)
 
-    def finish_unfired(self) -> None:
-        """After pass 2: a parameter that had a g1 but got no g2 gets (1 − α)·g1 + A; one with neither keeps A."""
+    def finish_unfired(self) -> int:
+        """After pass 2: a parameter that had a g1 but got no g2 gets (1 − α)·g1 + A; one with neither keeps A.
+        Returns how many had a g1 and got no g2 (and were not finished before pass 2's backward)."""
+        unfired = 0
         for i, p in enumerate(self.params):
             if self.has_g1[i] and not self.done[i]:
                 p.grad = self._without_g2(i)
+                unfired += 1
+        return unfired
 
 
 def _unwrap_scheduler(lr_scheduler: Any, accelerator: Any) -> tuple[Any, int]:

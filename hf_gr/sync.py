@@ -80,6 +80,18 @@ def finds_unused_parameters(model: nn.Module) -> bool:
     return isinstance(model, DistributedDataParallel) and bool(model.find_unused_parameters)
 
 
+def reduces_only_used_parameters(model: nn.Module) -> bool:
+    """Whether `model` is DDP without `find_unused_parameters`, about to all-reduce in this backward: it then
+    expects a gradient for every parameter and cannot reduce one that the backward left out."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return (
+        isinstance(model, DistributedDataParallel)
+        and not model.find_unused_parameters
+        and bool(model.require_backward_grad_sync)
+    )
+
+
 def reached_parameters(outputs: Any) -> set[int]:
     """The ids of the leaf tensors (parameters) that the autograd graph of the tensors in `outputs` reaches.
 

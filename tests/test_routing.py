@@ -138,6 +138,14 @@ def test_ddp_gr_with_a_layer_only_some_replicas_use(routed, run_name, accumulati
         assert _err(got, want, [name]) < 1e-6, name
 
 
+def test_ddp_without_find_unused_parameters_is_a_clear_error(routed):
+    """DDP would otherwise leave a bucket unreduced and fail only at the next step ("Expected to have finished
+    reduction in the prior iteration"), after a step whose gradients were not all averaged."""
+    message = routed["ddp_used_only_error"]
+    assert "GR's perturbation changed which parameters the model uses" in message
+    assert "ddp_find_unused_parameters=True" in message
+
+
 def test_ddp_synced_perturbation_leaves_unused_parameters_without_gradient(routed):
     """AdamW with weight decay: a layer no replica uses keeps `.grad = None` and does not move, as in plain
     training; step 1's gradient is the reference with ε along the replicas' mean g1."""

@@ -135,6 +135,11 @@ def main() -> None:
     results["ddp_data_ga1"] = run_ddp(tmp, "ddp_data_ga1", exit_by_data=True)
     results["ddp_data_ga2"] = run_ddp(tmp, "ddp_data_ga2", exit_by_data=True, gradient_accumulation_steps=2)
     results["ddp_data_sync"] = run_ddp(tmp, "ddp_data_sync", exit_by_data=True, gr_sync_perturbation=True)
+    try:  # without find_unused_parameters DDP cannot reduce expert 0 (no g2): a clear error, not a later hang
+        run_ddp(tmp, "ddp_used_only", ddp_find_unused_parameters=False)
+        results["ddp_used_only_error"] = ""
+    except RuntimeError as error:
+        results["ddp_used_only_error"] = str(error)
     if dist.get_rank() == 0:
         torch.save(results, out)
     dist.barrier()
