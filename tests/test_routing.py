@@ -61,11 +61,15 @@ def reference_gr_grads(model, batches: list[list[dict]], alpha: float, synced: b
 
 
 def _err(got: dict, want: dict, names=None) -> float:
-    """The relative error over `names` (default: those with a gradient); the absolute one where `want` is 0."""
-    names = [n for n in want if got.get(n) is not None] if names is None else names
+    """The relative error over `names` (default: all), a missing gradient as 0; the absolute one where `want` is 0
+    (inf where a gradient is missing that `want` has)."""
+    names = list(want) if names is None else names
+    if any(got[n] is None and want[n].any() for n in names):
+        return float("inf")
+    values = [torch.zeros_like(want[n]) if got[n] is None else got[n] for n in names]
     if all(not want[n].any() for n in names):  # e.g. expert 0 at α = 1: (1 − α)·g1 = 0
-        return float(torch.sqrt(sum((got[n].double() ** 2).sum() for n in names)))
-    return max_rel_err([got[n] for n in names], [want[n] for n in names])
+        return float(torch.sqrt(sum((v.double() ** 2).sum() for v in values)))
+    return max_rel_err(values, [want[n] for n in names])
 
 
 # ---- single process ----
