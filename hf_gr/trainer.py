@@ -56,7 +56,9 @@ class GRMixin:
 
     Logged with every training log entry: `gr_lambda` and `gr_r` (what the last step applied; λ = 0 on a plain or
     reuse step), `gr_step_fraction` and `gr_reuse_fraction` (the share of optimizer steps since the last log that
-    were GR and reuse steps), and the diagnostics of `GRDiagnosticsCallback` when it measured.
+    were GR and reuse steps), `gr_degenerate_fraction` (the share of GR micro-batches whose ‖g1‖ gave no direction,
+    so that they ran as plain steps; warned about once when non-zero), and the diagnostics of
+    `GRDiagnosticsCallback` when it measured.
     """
 
     args: GRArguments
@@ -307,7 +309,7 @@ class GRMixin:
         """Add GR's metrics to every training log entry (the step's λ, r; the fractions; the diagnostics)."""
         if "loss" in logs:
             logs["gr_lambda"], logs["gr_r"] = self._gr_last_plan.gr_lambda, self._gr_last_plan.gr_r
-            degenerate = self.gr_regularizer.pop_degenerate_fraction()
+            degenerate = self.gr_regularizer._pop_degenerate_fraction()
             if degenerate is not None:
                 self.gr_metrics.add("gr_degenerate_fraction", degenerate)
             logs.update(self.gr_metrics.pop_means(self.args.device if self.args.world_size > 1 else None))

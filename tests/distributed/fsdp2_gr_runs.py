@@ -145,10 +145,10 @@ def run_mlp_diagnostics() -> dict:
         moved[0] += 1
         return cpu(self, *args, **kwargs)
 
-    regularizer.start_step()
+    regularizer._start_step()
     dist.all_reduce, torch.Tensor.cpu = watched_all_reduce, watched_cpu
     try:
-        regularizer.step(run_pass, StepPlan("gr", 0.5 * R, R), True)
+        regularizer._micro_batch(run_pass, StepPlan("gr", 0.5 * R, R), True)
     finally:
         dist.all_reduce, torch.Tensor.cpu = all_reduce, cpu
     return {
