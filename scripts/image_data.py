@@ -211,6 +211,17 @@ def describe_image(value: Any, row: int | None, split: str) -> str:
     return f"in row {row} of the {split!r} split" if row is not None else f"in the {split!r} split (no file name)"
 
 
+def read_image(value: Any, split: str, row: int | None = None) -> PILImage.Image:
+    """`open_image`, with an unreadable image an `InputError` naming its file (or row) and the way past it."""
+    try:
+        return open_image(value)
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+        raise InputError(
+            f"Cannot read the image {describe_image(value, row, split)}: {type(error).__name__}: {error}. Fix or "
+            "remove it, or pass --skip_bad_images to check every image before training and drop unreadable ones."
+        ) from error
+
+
 def unreadable_images(dataset: Dataset, image_column: str) -> list[tuple[int, str]]:
     """`(row, error)` of every image in `dataset` that cannot be decoded (corrupt, truncated, not an image)."""
     stored = dataset.cast_column(image_column, datasets.Image(decode=False))
@@ -325,8 +336,9 @@ def channel_stats(dataset_name: str | None, train: Dataset, image_column: str, s
     for key, stats in CHANNEL_STATS.items():
         if key in name:
             return stats
-    subset = train.select(range(min(samples, len(train))))
-    pixels = np.stack([np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0 for img in subset[image_column]])
+    subset = train.select(range(min(samples, len(train)))).cast_column(image_column, datasets.Image(decode=False))
+    images = [read_image(value, "train", row).convert("RGB") for row, value in enumerate(subset[image_column])]
+    pixels = np.stack([np.asarray(image, dtype=np.float64) / 255.0 for image in images])
     mean, std = pixels.mean(axis=(0, 1, 2)), pixels.std(axis=(0, 1, 2))
     return [round(float(m), 4) for m in mean], [round(max(float(s), 1e-3), 4) for s in std]
 
@@ -406,18 +418,8 @@ class ImageTransform:
         self.augmentation = augmentation
         self.split = split
 
-    def _open(self, value: Any) -> PILImage.Image:
-        try:
-            return open_image(value)
-        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
-            raise InputError(
-                f"Cannot read the image {describe_image(value, None, self.split)}: {type(error).__name__}: {error}. "
-                "Fix or remove it, or pass --skip_bad_images to check every image before training and drop "
-                "unreadable ones."
-            ) from error
-
     def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
-        images = [self._open(value).convert("RGB") for value in batch[self.image_column]]
+        images = [read_image(value, self.split).convert("RGB") for value in batch[self.image_column]]
         pixel_values = self._already_sized(images)
         if pixel_values is None:
             pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
