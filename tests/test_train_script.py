@@ -26,6 +26,7 @@ from huggingface_hub import HfApi, ModelCard, RepoUrl
 from PIL import Image as PILImage
 from setuptools.config.setupcfg import read_configuration
 from sklearn.datasets import load_digits
+from torch._utils import ExceptionWrapper
 from torch.utils.data import DataLoader
 from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, pipeline
 from transformers.models.vit import ViTImageProcessorPil
@@ -626,3 +627,30 @@ def test_ddp_skips_the_unused_parameter_search_for_the_recipes_vits(tmp_path):
     other = args()
     train.quiet_defaults(other, torch.nn.Linear(2, 2))
     assert other.ddp_find_unused_parameters is None
+
+
+# ---- an unreadable image: one line naming the file ----
+
+
+def test_an_unreadable_image_prints_one_line_naming_it(tmp_path):
+    folder = tmp_path / "images"
+    for name, colour in (("blue", (0, 0, 255)), ("red", (255, 0, 0))):
+        (folder / name).mkdir(parents=True)
+        for i in range(3):
+            PILImage.new("RGB", (8, 8), colour).save(folder / name / f"{i}.png")
+    (folder / "red" / "1.png").write_bytes((folder / "red" / "0.png").read_bytes()[:30])  # truncated
+    line = _error_line(_run_script(QUICKSTART, "--train_file", str(folder), "--output_dir", str(tmp_path / "out")))
+    assert line.startswith(f"error: Cannot read the image '{folder / 'red' / '1.png'}' in the 'train' split")
+    assert line.endswith("or pass --skip_bad_images to drop unreadable images.")
+
+
+def test_an_error_raised_in_a_data_loader_worker_is_still_one_line():
+    try:
+        raise data.InputError("Cannot read the image 'a.png' in the 'train' split: OSError: truncated.")
+    except data.InputError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")  # what a worker sends back
+    with pytest.raises(data.InputError) as raised:
+        wrapped.reraise()
+    assert "Traceback" in str(raised.value)
+    expected = "error: Cannot read the image 'a.png' in the 'train' split: OSError: truncated."
+    assert train.error_line(raised.value) == expected
