@@ -11,7 +11,6 @@ augmenting normalized tensors equals augmenting pixels first.
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,14 +192,11 @@ def decode_images(raw: DatasetDict, image_column: str) -> DatasetDict:
 
 
 def open_image(value: Any) -> PILImage.Image:
-    """A PIL image from a decoded image or a stored `{bytes, path}` value, read whole (`load`), so that a corrupt
-    or truncated file fails here rather than later."""
+    """A PIL image from a decoded image or a stored `{bytes, path}` value, decoded whole by `datasets` itself (EXIF
+    orientation, remote paths), so that a corrupt or truncated file fails here rather than later."""
     if isinstance(value, PILImage.Image):
         return value
-    data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
-    image = PILImage.open(io.BytesIO(data) if data is not None else path)
-    image.load()
-    return image
+    return datasets.Image().decode_example(value)
 
 
 def describe_image(value: Any, row: int | None, split: str) -> str:

@@ -243,8 +243,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
     unknown = sorted(set(config) - known)
     if unknown:
-        hints = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, known, n=1)) else key
-                 for key in unknown]  # fmt: skip
+        close = {key: difflib.get_close_matches(key, sorted(known), n=1) for key in unknown}
+        hints = [f"{key} (did you mean {close[key][0]}?)" if close[key] else key for key in unknown]
         raise InputError(f"Unknown key(s) in {path}: {', '.join(hints)}. Run with --help to list the arguments.")
     return config
 
