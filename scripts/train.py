@@ -243,8 +243,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
     unknown = sorted(set(config) - known)
     if unknown:
-        hints = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, known, n=1)) else key
-                 for key in unknown]  # fmt: skip
+        close = {key: difflib.get_close_matches(key, sorted(known), n=1) for key in unknown}
+        hints = [f"{key} (did you mean {close[key][0]}?)" if close[key] else key for key in unknown]
         raise InputError(f"Unknown key(s) in {path}: {', '.join(hints)}. Run with --help to list the arguments.")
     return config
 
@@ -350,15 +350,16 @@ def quiet_defaults(training_args: GRTrainingArguments, model: Any) -> None:
         training_args.ddp_find_unused_parameters = False
 
 
-def training_done(trainer: GRTrainer, checkpoint: str) -> int | None:
-    """The step at which a finished run stopped, when the run being resumed has nothing left to train (the
-    checkpoint, or a finished run in --output_dir, is at this run's last step); None when training remains."""
+def training_done(trainer: GRTrainer, checkpoint: str) -> tuple[int, int] | None:
+    """`(step reached, this run's last step)` when the run being resumed has nothing left to train (the checkpoint,
+    or a finished run's final state in --output_dir, is at or past this run's last step); None when training remains.
+    """
     args = trainer.args
     steps = [checkpoint_step(checkpoint) or 0]
     if args.resume_from_checkpoint is None:  # resumed from --output_dir: its final state, when the run finished
         steps.append(checkpoint_step(args.output_dir) or 0)
     max_steps = trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
-    return max(steps) if max(steps) >= max_steps else None
+    return (max(steps), max_steps) if max(steps) >= max_steps else None
 
 
 def cap_dataloader_workers(training_args: GRTrainingArguments) -> None:
@@ -530,7 +531,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     metrics: dict[str, float] = {}
     if checkpoint is not None and (done := training_done(trainer, checkpoint)) is not None:
-        return finished_run(training_args, checkpoint, done)
+        return finished_run(training_args, *done)
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
@@ -558,13 +559,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return metrics
 
 
-def finished_run(training_args: GRTrainingArguments, checkpoint: str, step: int) -> dict[str, float]:
+def finished_run(training_args: GRTrainingArguments, step: int, max_steps: int) -> dict[str, float]:
     """A rerun of a run that has nothing left to train: say so, keep its results and model; return its metrics."""
     out = training_args.output_dir
     logger.info(
-        "The run in %s is complete (step %d, %s): nothing to train, its model and results are kept. To train longer, "
-        "raise --num_train_epochs or --max_steps; to start over, remove %s or pass another --output_dir.",
-        out, step, Path(checkpoint).name, out,
+        "The run in %s is complete (step %d of %d): nothing to train, its model and results are kept. To train "
+        "longer, raise --num_train_epochs or --max_steps; to start over, remove %s or pass another --output_dir.",
+        out, step, max_steps, out,
     )  # fmt: skip
     if training_args.push_to_hub:
         repo = training_args.hub_model_id or "USER/REPO"
