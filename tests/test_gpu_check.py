@@ -1,5 +1,6 @@
-"""scripts/gpu_check.py: the dry run writes every key of the device check, and its CPU-computable checks pass;
-the carried data survives its coding; the GPU augmentation crops what it should; a broken GR step fails the check."""
+"""scripts/gpu_check/gpu_check.py: the dry run writes every key of the device check, and its CPU-computable checks
+pass; the carried data survives its coding; the GPU augmentation crops what it should; a broken GR step fails the
+check."""
 
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ def test_dry_run_correctness_checks_pass(dry_run):
     assert c["host_sync"]["python_reads_gr_step"] == 0 and c["host_sync"]["passed"] is True
     assert c["fsdp2"]["gr_step_passed"] is True and c["fsdp2"]["rel_err"] < 1e-6, c["fsdp2"]  # torchrun, world 1
     assert c["fsdp2"]["world_size"] == 1 and "error" not in c["fsdp2"]
+    assert c["fsdp2"]["diagnostics_logged"] is True, c["fsdp2"]  # the diagnostics step under FSDP2 ran
     assert c["multi_device_norm"]["passed"] is True
 
 
