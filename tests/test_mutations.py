@@ -8,6 +8,7 @@ function must have run.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +39,7 @@ def test_mutation_is_caught(tmp_path, monkeypatch, mutation):
         (tmp_path / run).mkdir()
     test(tmp_path / "unmutated", **params)  # the named test passes on the library as it is
     calls = gr_mutations.apply(mutation, monkeypatch)
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError) as failure:
         test(tmp_path / "mutated", **params)
-    assert calls.count > 0  # the failure comes from the broken function
+    assert Path(failure.traceback[-1].path).name == f"{module}.py"  # one of the test's own assertions failed
+    assert calls.count > 0  # the broken function ran
