@@ -14,12 +14,14 @@ import pytest
 
 import gr_mutations
 
+WARMUP = ("test_warmup", "test_each_step_applies_and_logs_the_warmup_formulas")
+
 # mutation → the test that catches it (module, name) and its parameters
 CAUGHT_BY = {
-    "gr_off": ("test_warmup", "test_each_step_applies_and_logs_the_warmup_formulas", dict(strategy="none")),
+    "gr_off": (*WARMUP, dict(strategy="none", w_from="lr_warmup")),
     "alpha_ignored": ("test_gr_step", "test_two_pass_gradient_matches_reference", dict(gr_lambda=0.05)),
-    "radius_ignored": ("test_warmup", "test_each_step_applies_and_logs_the_warmup_formulas", dict(strategy="r")),
-    "warmup_ignored": ("test_warmup", "test_each_step_applies_and_logs_the_warmup_formulas", dict(strategy="lambda")),
+    "radius_ignored": (*WARMUP, dict(strategy="r", w_from="lr_warmup")),
+    "warmup_ignored": (*WARMUP, dict(strategy="lambda", w_from="lr_warmup")),
     "reuse_rho_ignores_alpha": ("test_cheaper_modes", "test_reuse_training_equals_a_simulation", dict(gr_lambda=0.1)),
     "reuse_not_applied": ("test_cheaper_modes", "test_reuse_training_equals_a_simulation", dict(gr_lambda=0.2)),
     "pass2_not_combined": ("test_gr_step", "test_gradient_accumulation_is_mean_of_micro_batch_gr_gradients", {}),
