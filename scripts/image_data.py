@@ -123,6 +123,24 @@ def load_image_dataset(
     return DatasetDict({"train": raw["train"], "validation": raw["validation"]})
 
 
+def load_test_sets(specs: list[str] | None, cache_dir: str | None = None) -> dict[str, Dataset]:
+    """The held-out sets of `--test_files name=path ...`, by name, in the given order.
+
+    A name is a metric prefix (`<name>_error_rate`): letters, digits and underscores, not `train`, `eval` or
+    `validation`, each once.
+    """
+    sets: dict[str, Dataset] = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.isidentifier() or name in ("train", "eval", "validation") or name in sets or not path:
+            raise InputError(
+                f"--test_files takes 'name=path' items with distinct names (letters, digits, underscores; not "
+                f"train, eval or validation); got {spec!r}."
+            )
+        sets[name] = _load_local(path, "--test_files", cache_dir)
+    return sets
+
+
 def _load_local(path: str, flag: str, cache_dir: str | None) -> Dataset:
     """One split from a parquet file (or a glob of them) or an image folder, with a clear error when unreadable."""
     location = Path(path)

@@ -120,6 +120,13 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use this many training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use this many evaluation examples."})
+    test_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out sets evaluated once, after training: 'name=path' (parquet file or image folder) each; "
+            "their metrics are logged and saved as '<name>_error_rate' etc. Nothing is selected on them."
+        },
+    )
     augmentation: str = field(
         default="auto",
         metadata={
@@ -488,8 +495,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             train_val_split=data_args.train_val_split,
             seed=training_args.seed,
         )
+    test_sets = data.load_test_sets(data_args.test_files, model_args.cache_dir)
+    raw.update(test_sets)
     image_column, label_column = data.resolve_columns(raw["train"], data_args.image_column, data_args.label_column)
-    data.resolve_columns(raw["validation"], image_column, label_column)
+    for split in ("validation", *test_sets):
+        data.resolve_columns(raw[split], image_column, label_column)
     raw = data.decode_images(raw, image_column)
     raw = data.check_images(raw, image_column, data_args.skip_bad_images)
     if data_args.max_train_samples is not None:
@@ -545,6 +555,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
+
+    # The held-out test sets: once, at the end (nothing is chosen on them).
+    for name in test_sets:
+        test_metrics = trainer.evaluate(eval_dataset=raw[name], metric_key_prefix=name)
+        trainer.log_metrics(name, test_metrics)
+        trainer.save_metrics(name, test_metrics)
+        metrics.update(test_metrics)
 
     card_kwargs = {
         "tasks": "image-classification",
