@@ -12,7 +12,9 @@ g2 = ∇L(θ + r·g1/‖g1‖) and α = λ/r. λ = r is SAM; λ = 0 is plain tra
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,11 +125,16 @@ class GRArguments:
                   "off)."},
     )  # fmt: skip
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> GRArguments:
+        _check_is_a_dataclass(cls)
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
         validate_gr_arguments(self)
+        warn_if_alpha_extrapolates(self)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Validate the GR fields after whichever `__post_init__` a subclass resolves to (some bases do not call
@@ -140,6 +147,7 @@ class GRArguments:
         def __post_init__(self: Any) -> None:
             post_init(self)
             validate_gr_arguments(self)
+            warn_if_alpha_extrapolates(self)
 
         __post_init__._validates_gr = True  # type: ignore[attr-defined]
         cls.__post_init__ = __post_init__  # type: ignore[method-assign]
@@ -183,9 +191,39 @@ def validate_gr_arguments(args: Any) -> None:
         raise ValueError(f"gr_diagnostics_steps must be an integer >= 0 (0 = off), got {args.gr_diagnostics_steps!r}.")
 
 
+def warn_if_alpha_extrapolates(args: Any) -> None:
+    """Warn when α = λ/r > 2: the first term's weight 1 − α < −1 puts the step far beyond g2 (the paper: α ≤ 1)."""
+    alpha = args.gr_lambda / args.gr_r
+    if alpha > 2:
+        warnings.warn(
+            f"gr_lambda/gr_r = α = {alpha:.4g} > 2: the GR gradient (1 − α)·g1 + α·g2 weights g1 by 1 − α = "
+            f"{1 - alpha:.4g} < −1, which extrapolates far past g2 (the paper uses α ≤ 1; α = 1 is SAM). Check "
+            "gr_lambda and gr_r.",
+            UserWarning,
+            stacklevel=4,  # the line that built the arguments (through __init__ and __post_init__)
+        )
+
+
 def optimizer_name(args: Any) -> str:
     """The `optim` of `TrainingArguments` as a plain string ("adamw_torch", "rmsprop", ...)."""
     return str(getattr(args.optim, "value", args.optim))
+
+
+def _check_is_a_dataclass(cls: type) -> None:
+    """Refuse a class combining `GRArguments` with another arguments dataclass without `@dataclass` of its own: its
+    inherited `__init__` knows only one base's fields (`output_dir` is refused, or the GR flags are ignored)."""
+    owner = next(c for c in cls.__mro__ if "__init__" in vars(c))
+    if "__dataclass_fields__" not in vars(owner):
+        return  # an `__init__` written by hand
+    known = {f.name for f in dataclasses.fields(owner) if f.init}
+    bases = [c for c in cls.__mro__ if "__dataclass_fields__" in vars(c)]
+    missing = sorted({f.name for c in bases for f in dataclasses.fields(c) if f.init} - known)
+    if missing:
+        raise TypeError(
+            f"{cls.__name__} combines {', '.join(c.__name__ for c in bases if c is not owner)} with {owner.__name__} "
+            f"but is not a dataclass itself, so its __init__ lacks {', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}: add @dataclass above `class {cls.__name__}(...)`."
+        )
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -3,8 +3,8 @@
 The Trainer writes its card (`Trainer.create_model_card`, also called by `Trainer.push_to_hub` just before the
 upload); `GRMixin.create_model_card` then adds to it, through huggingface_hub's `ModelCard`/`ModelCardData`:
 an `hf_gr` metadata block with the GR settings (λ, r, α, the warmup strategy and its length W, the method, the
-cheaper modes), the dataset, the base model and the eval results; the tags `gradient-regularization` and
-`hf_gr`; and a "Gradient regularization" section.
+cheaper modes; per range of optimizer steps when a resume changed them), the dataset, the base model and the eval
+results; the tags `gradient-regularization` and `hf_gr`; and a "Gradient regularization" section.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ Be Harmful?", ICML 2024):
 - optimizer: {optimizer}, learning rate {learning_rate}, weight decay {weight_decay}, {max_steps} steps
 - dataset: {dataset}; base model: {base}
 """
+_SEGMENT = (
+    "steps {first_step}–{last_step}: λ = {gr_lambda}, r = {gr_r} (α = {alpha}), method: {gr_method}, first term: "
+    "{gr_first_term}, GR warmup: {gr_warmup_strategy} over W = {gr_warmup_steps}, interval k = {gr_interval}, "
+    "probability p = {gr_probability}, reuse = {gr_reuse}, synced perturbation = {gr_sync_perturbation}"
+)
 
 
 def gr_card_metadata(
@@ -38,8 +43,13 @@ def gr_card_metadata(
     warmup_steps: int | None,
     dataset: str | None = None,
     base_model: str | None = None,
+    segments: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The `hf_gr` metadata block: GR settings, W, the dataset, the base model and the latest eval results."""
+    """The `hf_gr` metadata block: GR settings, W, the dataset, the base model and the latest eval results.
+
+    `segments` (`hf_gr.record`) lists the settings each range of optimizer steps ran with, as `gr_segments`; the
+    top-level settings are those of the last range.
+    """
     eval_results: dict[str, Any] = {}
     for entry in state.log_history:
         if any(key.startswith("eval_") for key in entry):
@@ -64,6 +74,7 @@ def gr_card_metadata(
         "dataset": dataset,
         "base_model": base_model,
         "eval_results": {k: float(v) if isinstance(v, float) else v for k, v in eval_results.items()},
+        "gr_segments": [dict(s) for s in segments or [] if s["last_step"] >= s["first_step"]],
     }
 
 
@@ -81,6 +92,13 @@ def add_gr_to_model_card(path: str, metadata: dict[str, Any]) -> ModelCard:
     section = _SECTION.format(
         alpha=f"{metadata['gr_alpha']:.4g}", base=metadata["base_model"] or "none (trained from scratch)", **metadata
     )
+    ranges = metadata.get("gr_segments") or []
+    if len(ranges) > 1:  # a resume changed the settings: the lines above describe the last range only
+        lines = [_SEGMENT.format(alpha=f"{s['gr_lambda'] / s['gr_r']:.4g}", **s) for s in ranges]
+        section += (
+            "- the settings above are the last steps'; a resume changed them, and each range of steps ran with:\n"
+        )
+        section += "".join(f"  - {line}\n" for line in lines)
     results = [f"{k} {v:.4g}" for k, v in metadata["eval_results"].items() if k in ("accuracy", "error_rate")]
     if results:
         section += f"- eval: {', '.join(results)}\n"

@@ -1,7 +1,7 @@
 """`GradientRegularizer`: the GR gradient of one micro-batch, added to `.grad`, for any training loop.
 
 It runs the two passes of a GR step around a function that does one forward and backward (the Trainer's own
-`training_step`, or a custom loop's loss and `accelerator.backward`):
+`training_step`, or a custom loop's loss and `accelerator.backward` / `loss.backward`):
 
 1. pass 1 under `no_sync` (DDP) or with the reduce-scatter on (FSDP2): g1 = ∇L(θ), with what earlier
    micro-batches accumulated in `.grad` (A) put aside, untouched;
@@ -14,25 +14,17 @@ It runs the two passes of a GR step around a function that does one forward and 
 
 Nothing here reads a value back to the host: a zero or non-finite ‖g1‖ is handled on the device (a zero g1 gives
 a plain step, a non-finite one a non-finite gradient that the fp16 scaler skips).
-
-For a custom Accelerate loop, call `backward(loss_fn)` in place of `accelerator.backward(loss)`:
-
-    regularizer = GradientRegularizer(model, accelerator, GRArguments(gr_lambda=0.1, gr_r=0.1, gr_warmup_steps=100))
-    for batch in dataloader:
-        with accelerator.accumulate(model):
-            loss = regularizer.backward(lambda: model(**batch).loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim import lr_scheduler as torch_schedulers
 
 from . import gradient, replay, schedule, sync
 from .arguments import GRArguments
@@ -41,15 +33,78 @@ from .schedule import GR, REUSE, StepPlan
 
 
 class GradientRegularizer:
-    """Computes the GR gradient of each micro-batch into `.grad`, for the Trainer (`GRMixin`) and custom loops.
+    """Gradient regularization (GR) or SAM in your own loop: `backward(loss_fn)` in place of `loss.backward()`.
+
+    `backward` adds the micro-batch's GR gradient to `.grad`; the loop's clipping, optimizer step and scheduler
+    run unchanged. Which optimizer steps are GR steps, and with which λ_t and r_t, follows the warmup strategy and
+    the cheaper modes of `args`, counted in optimizer steps, as `GRTrainer` counts them. So the regularizer must
+    know which micro-batch ends an optimizer step:
+
+    - with an `accelerator`, its `sync_gradients` (set by `accelerator.accumulate`) says so;
+    - without one (a plain PyTorch loop, DDP or FSDP2), pass `gradient_accumulation_steps=k` (every k-th call of
+      `backward` ends a step), or `backward(..., sync_gradients=...)` per call (for a last, shorter step);
+      with neither, every call of `backward` is one optimizer step (no accumulation).
+
+    The warmup's t is the LR schedule's step count: pass `lr_scheduler=` and t is its count (W is then read from
+    it when `gr_warmup_steps` is unset), as in `GRTrainer`; without it, t is the optimizer steps taken, less those
+    the accelerator's fp16 scaler skipped.
+
+    Example (a plain PyTorch loop with gradient accumulation 2, zero-warmup over the scheduler's 2 warmup steps):
+
+    ```python
+    import torch
+    from torch import nn
+    from transformers import get_linear_schedule_with_warmup
+
+    from hf_gr import GradientRegularizer, GRArguments
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=10)
+    args = GRArguments(gr_lambda=0.05, gr_r=0.1, gr_warmup_strategy="zero")  # W = 2, read from the scheduler
+    regularizer = GradientRegularizer(model, args=args, gradient_accumulation_steps=2, lr_scheduler=scheduler)
+    x, y = torch.randn(40, 8), torch.randn(40, 1)
+    for i in range(20):  # 20 micro-batches of 2 examples: 10 optimizer steps
+        xb, yb = x[2 * i : 2 * i + 2], y[2 * i : 2 * i + 2]
+        regularizer.backward(lambda: nn.functional.mse_loss(model(xb), yb) / 2)  # the loss over 2 micro-batches
+        if (i + 1) % 2 == 0:  # the step ends where the regularizer counts it: every 2nd micro-batch
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+    print(regularizer.completed_steps, regularizer.warmup_step)  # 10 10
+    ```
+
+    Under DDP (`DistributedDataParallel`) run the micro-batches that do not end a step under `model.no_sync()` as
+    usual; under FSDP2 (`fully_shard`) call `model.set_requires_gradient_sync(False)` before them and `(True)`
+    before the last. GR's own first pass handles its synchronization itself.
+
+    With Accelerate, `accelerator.accumulate` decides:
+
+    ```python
+    regularizer = GradientRegularizer(model, accelerator, GRArguments(gr_lambda=0.1, gr_r=0.1), lr_scheduler=scheduler)
+    for batch in dataloader:
+        with accelerator.accumulate(model):
+            loss = regularizer.backward(lambda: model(**batch).loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+    ```
 
     Args:
-        model (`nn.Module`): the model as the loop calls it (the DDP/FSDP-wrapped one after `accelerator.prepare`).
+        model (`nn.Module`): the model as the loop calls it (the DDP- or FSDP2-wrapped one).
         accelerator (`accelerate.Accelerator`, *optional*): the loop's accelerator (its `no_sync`, `backward`,
             `sync_gradients`); None for a plain PyTorch loop.
         args (`GRArguments`, *optional*): the GR settings (default: `GRArguments()`).
         seed (`int`, *optional*): the seed of the `gr_probability` draws (default: `args.seed`, else 0).
-        warmup_steps (`int`, *optional*): W for custom loops (default: `args.gr_warmup_steps`).
+        warmup_steps (`int`, *optional*): W in optimizer steps (default: `args.gr_warmup_steps`, else read from
+            `lr_scheduler`).
+        gradient_accumulation_steps (`int`, *optional*): micro-batches per optimizer step in a loop without an
+            accelerator (default: 1, unless `backward` is told per call). With an accelerator, its own setting.
+        lr_scheduler (`torch.optim.lr_scheduler.LRScheduler`, *optional*): the loop's LR scheduler (or the one
+            `accelerator.prepare` returned): the warmup's t is its step count.
+
+    Attributes `model`, `args`, `metrics` and `diagnostics_scale` are internal: `GRMixin` sets them per step.
     """
 
     def __init__(
@@ -57,16 +112,57 @@ class GradientRegularizer:
         model: nn.Module,
         accelerator: Any = None,
         args: GRArguments | None = None,
+        *,
         seed: int | None = None,
         warmup_steps: int | None = None,
+        gradient_accumulation_steps: int | None = None,
+        lr_scheduler: Any = None,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (the one the loop calls), got {type(model).__name__}.")
+        if args is not None and not isinstance(args, GRArguments):
+            raise TypeError(f"args must be a GRArguments (or a subclass), got {type(args).__name__}.")
+        args = args if args is not None else GRArguments()
+        for name, value, least in (("seed", seed, None), ("warmup_steps", warmup_steps, 0),
+                                   ("gradient_accumulation_steps", gradient_accumulation_steps, 1)):  # fmt: skip
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or
+                                      (least is not None and value < least)):  # fmt: skip
+                bound = "an integer" if least is None else f"an integer >= {least}"
+                raise ValueError(f"{name} must be {bound} or None, got {value!r}.")
+        if warmup_steps is not None and args.gr_warmup_steps is not None and warmup_steps != args.gr_warmup_steps:
+            raise ValueError(
+                f"warmup_steps={warmup_steps} contradicts args.gr_warmup_steps={args.gr_warmup_steps}: set only one."
+            )
+        if gradient_accumulation_steps is not None and accelerator is not None:
+            own = int(getattr(accelerator, "gradient_accumulation_steps", 1))
+            if gradient_accumulation_steps != own:
+                raise ValueError(
+                    f"gradient_accumulation_steps={gradient_accumulation_steps} contradicts the accelerator's "
+                    f"gradient_accumulation_steps={own}: with an accelerator, its `accumulate` decides which "
+                    "micro-batch ends a step; leave gradient_accumulation_steps unset."
+                )
         self.model = model
         self.accelerator = accelerator
-        self.args = args if args is not None else GRArguments()
-        self.seed = int(seed if seed is not None else getattr(self.args, "seed", 0) or 0)
-        self.warmup_steps = warmup_steps if warmup_steps is not None else self.args.gr_warmup_steps
-        self.completed_steps = 0  # optimizer steps taken through `backward` (custom loops)
-        self.warmup_step = 0  # of which the LR scheduler took (those the fp16 scaler did not skip)
+        self.args = args
+        self._seed = int(seed if seed is not None else getattr(args, "seed", 0) or 0)
+        self._accumulation = gradient_accumulation_steps or 1
+        self._scheduler, self._per_step = _unwrap_scheduler(lr_scheduler, accelerator)
+        if warmup_steps is None:
+            warmup_steps = args.gr_warmup_steps
+        if warmup_steps is None and self._scheduler is not None:
+            found = schedule.scheduler_warmup_steps(self._scheduler)
+            if found is None and args.gr_warmup_strategy != "none":
+                raise ValueError(
+                    f"gr_warmup_strategy={args.gr_warmup_strategy!r} needs the warmup length, which cannot be read "
+                    f"from {type(self._scheduler).__name__}: set gr_warmup_steps (or warmup_steps=) to the LR "
+                    "warmup in optimizer steps."
+                )
+            warmup_steps = None if found is None else math.ceil(found / self._per_step)
+        self._warmup_steps = warmup_steps
+        self._completed_steps = 0  # optimizer steps taken through `backward`
+        self._warmup_count = 0  # of which the LR schedule took (those the fp16 scaler did not skip)
+        self._micro_batches = 0  # micro-batches of the current step so far
+        self._step_plan: StepPlan | None = None  # the plan of the current step, made at its first micro-batch
         self._step_ended = False
         self.reuse = ReuseState()
         self.metrics: Callable[[str, torch.Tensor], None] | None = None  # set while a diagnostic step records
@@ -74,42 +170,38 @@ class GradientRegularizer:
 
     # ---- custom loops ----
 
-    def plan(self, step: int, warmup_step: int | None = None) -> StepPlan:
-        """The plan of optimizer step `step` for a custom loop (W = `warmup_steps`; the warmup at `warmup_step`,
-        the LR schedule's count, which skips the steps the fp16 scaler skipped; default `step`)."""
-        if self.args.gr_warmup_strategy != "none" and self.warmup_steps is None:
-            raise ValueError(
-                f"gr_warmup_strategy={self.args.gr_warmup_strategy!r} needs the warmup length: set "
-                "gr_warmup_steps (or pass warmup_steps=) to your LR warmup in optimizer steps."
-            )
-        fraction = schedule.warmup_fraction(step if warmup_step is None else warmup_step, self.warmup_steps or 0)
-        gr_lambda, gr_r = schedule.warmup_coefficients(
-            self.args.gr_warmup_strategy, self.args.gr_lambda, self.args.gr_r, fraction
-        )
-        return self.plan_from(gr_lambda, gr_r, step)
+    @property
+    def completed_steps(self) -> int:
+        """The optimizer steps completed through `backward` (counted at each step's last micro-batch)."""
+        return self._completed_steps
 
-    def plan_from(self, gr_lambda: float, gr_r: float, step: int) -> StepPlan:
-        """The plan of step `step` given the warmed-up λ_t and r_t (interval, probability, reuse applied)."""
-        a = self.args
-        return schedule.plan_step(
-            gr_lambda, gr_r, step, interval=a.gr_interval, probability=a.gr_probability, reuse=a.gr_reuse,
-            seed=self.seed,
-        )  # fmt: skip
-
-    def backward(self, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Use in place of `accelerator.backward(loss_fn())`: adds this micro-batch's GR gradient to `.grad`.
-
-        `loss_fn` runs the forward pass and returns the loss; it is called twice on a GR step. The step counters
-        (for the warmup and the cheaper modes) advance after every micro-batch that syncs gradients.
+    @property
+    def warmup_step(self) -> int:
+        """The warmup's t for the next step: the LR scheduler's step count when `lr_scheduler` was given, else the
+        completed optimizer steps less those the accelerator's fp16 scaler skipped (read it after `optimizer.step()`).
         """
-        self._count_finished_step()
-        plan = self.plan(self.completed_steps, self.warmup_step)
-        last = bool(getattr(self.accelerator, "sync_gradients", True))
+        if self._scheduler is not None:
+            return schedule.scheduler_step(self._scheduler, 0) // self._per_step
+        return self._warmup_count + int(self._step_ended and not self._step_was_skipped())
+
+    def backward(self, loss_fn: Callable[[], torch.Tensor], *, sync_gradients: bool | None = None) -> torch.Tensor:
+        """Use in place of `loss.backward()` / `accelerator.backward(loss)`: adds the micro-batch's GR gradient to
+        `.grad` and returns the loss (of the first pass).
+
+        Args:
+            loss_fn (`Callable[[], torch.Tensor]`): runs the forward pass and returns the loss; called twice on a
+                GR step (with the same random masks).
+            sync_gradients (`bool`, *optional*): without an accelerator, whether this micro-batch ends the
+                optimizer step (default: every `gradient_accumulation_steps`-th call does). With an accelerator,
+                its `sync_gradients` decides (a value given must agree).
+        """
+        last = self._ends_step(sync_gradients)
+        plan = self._current_plan()
 
         def run_pass() -> torch.Tensor:
             loss = loss_fn()
             if plan.kind == GR and self.args.gr_method == "exact":
-                loss = gradient.exact_gr_loss(loss, self.trainable(), plan.gr_lambda)
+                loss = gradient.exact_gr_loss(loss, self._trainable(), plan.gr_lambda)
             if self.accelerator is not None:
                 self.accelerator.backward(loss)
             else:
@@ -119,54 +211,109 @@ class GradientRegularizer:
         if plan.kind == GR and self.args.gr_method == "exact":
             loss = run_pass()
         else:
-            loss = self.step(run_pass, plan, last)
+            loss = self._micro_batch(run_pass, plan, last)
+        self._micro_batches += 1
         if last:
-            self.completed_steps += 1
+            self._completed_steps += 1
+            self._micro_batches = 0
             self._step_ended = True
         return loss
+
+    def _ends_step(self, sync_gradients: bool | None) -> bool:
+        """Whether the micro-batch about to run ends an optimizer step."""
+        if sync_gradients is not None and not isinstance(sync_gradients, bool):
+            raise TypeError(f"sync_gradients must be True, False or None, got {sync_gradients!r}.")
+        if self.accelerator is not None:
+            own = bool(getattr(self.accelerator, "sync_gradients", True))
+            if sync_gradients is not None and sync_gradients != own:
+                raise ValueError(
+                    f"sync_gradients={sync_gradients} contradicts accelerator.sync_gradients={own}: with an "
+                    "accelerator, `accelerator.accumulate` decides which micro-batch ends a step; leave it unset."
+                )
+            return own
+        if sync_gradients is not None:
+            return sync_gradients
+        return self._micro_batches + 1 >= self._accumulation
+
+    def _current_plan(self) -> StepPlan:
+        """The plan of the current optimizer step, made at its first micro-batch (once the last step is counted)."""
+        self._count_finished_step()
+        if self._step_plan is None:
+            self._step_plan = self._plan(self._completed_steps, self.warmup_step)
+        return self._step_plan
+
+    def _plan(self, step: int, warmup_step: int | None = None) -> StepPlan:
+        """The plan of optimizer step `step`, with the warmup at LR-schedule step `warmup_step` (default `step`)."""
+        if self.args.gr_warmup_strategy != "none" and self._warmup_steps is None:
+            raise ValueError(
+                f"gr_warmup_strategy={self.args.gr_warmup_strategy!r} needs the warmup length: set "
+                "gr_warmup_steps (or pass warmup_steps= or lr_scheduler=) to your LR warmup in optimizer steps."
+            )
+        fraction = schedule.warmup_fraction(step if warmup_step is None else warmup_step, self._warmup_steps or 0)
+        gr_lambda, gr_r = schedule.warmup_coefficients(
+            self.args.gr_warmup_strategy, self.args.gr_lambda, self.args.gr_r, fraction
+        )
+        return self._plan_from(gr_lambda, gr_r, step)
+
+    def _plan_from(self, gr_lambda: float, gr_r: float, step: int) -> StepPlan:
+        """The plan of step `step` given the warmed-up λ_t and r_t (interval, probability, reuse applied)."""
+        a = self.args
+        return schedule.plan_step(
+            gr_lambda, gr_r, step, interval=a.gr_interval, probability=a.gr_probability, reuse=a.gr_reuse,
+            seed=self._seed,
+        )  # fmt: skip
+
+    def _step_was_skipped(self) -> bool:
+        return bool(getattr(self.accelerator, "optimizer_step_was_skipped", False))
 
     def _count_finished_step(self) -> None:
         """Once the optimizer has stepped: count the step on the LR schedule too, unless the fp16 scaler skipped it."""
         if self._step_ended:
             self._step_ended = False
-            if not getattr(self.accelerator, "optimizer_step_was_skipped", False):
-                self.warmup_step += 1
-            self.start_step()
+            if not self._step_was_skipped():
+                self._warmup_count += 1
+            self._step_plan = None
+            self._start_step()
 
     def state_dict(self) -> dict[str, Any]:
         """The step counters and the kept reuse direction (for `accelerator.register_for_checkpointing`)."""
         self._count_finished_step()
-        return {"completed_steps": self.completed_steps, "warmup_step": self.warmup_step, **self.reuse.state_dict()}
+        return {"completed_steps": self._completed_steps, "warmup_step": self._warmup_count,
+                **self.reuse.state_dict()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
-        self.completed_steps = int(state.get("completed_steps", 0))
-        self.warmup_step = int(state.get("warmup_step", self.completed_steps))
+        self._completed_steps = int(state.get("completed_steps", 0))
+        self._warmup_count = int(state.get("warmup_step", self._completed_steps))
+        self._micro_batches = 0
+        self._step_plan = None
         self._step_ended = False
         self.reuse.load_state_dict(state)
 
-    # ---- one micro-batch ----
+    # ---- one micro-batch (what GRMixin drives) ----
 
-    def start_step(self) -> None:
+    def _start_step(self) -> None:
         """Mark the start of an optimizer step (its first micro-batch comes next)."""
         self.reuse.collecting = False
 
-    def trainable(self) -> list[torch.Tensor]:
+    def _trainable(self) -> list[torch.Tensor]:
         """The parameters that require a gradient, in `model.parameters()` order."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def step(self, run_pass: Callable[[], torch.Tensor], plan: StepPlan, last_micro_batch: bool) -> torch.Tensor:
+    def _micro_batch(
+        self, run_pass: Callable[[], torch.Tensor], plan: StepPlan, last_micro_batch: bool
+    ) -> torch.Tensor:
         """One micro-batch of an optimizer step planned as `plan`; `run_pass` does one forward and backward."""
         if plan.kind != GR:
             loss = run_pass()
             if plan.kind == REUSE and last_micro_batch:
-                trainable = self.trainable()
+                trainable = self._trainable()
                 self.reuse.apply_(trainable, self._sum_over_ranks if sync.is_sharded(trainable) else None)
             return loss
         return self._gr_micro_batch(run_pass, plan, last_micro_batch)
 
     def _gr_micro_batch(self, run_pass: Callable[[], torch.Tensor], plan: StepPlan, last: bool) -> torch.Tensor:
-        trainable = self.trainable()
+        trainable = self._trainable()
         sharded = sync.is_sharded(trainable)
         accumulated = gradient.take_grads(trainable)  # A, put aside untouched (restored as is on a raise)
         rng = replay.rng_state()
@@ -312,3 +459,27 @@ class _Combination:
                 continue
             g1, accumulated = self.g1[i], self.accumulated[i]
             p.grad = accumulated if g1 is None else gradient.mix_(g1, torch.zeros_like(g1), self.alpha, accumulated)
+
+
+def _unwrap_scheduler(lr_scheduler: Any, accelerator: Any) -> tuple[Any, int]:
+    """The torch scheduler behind `lr_scheduler` and how many of its steps make one optimizer step.
+
+    `accelerator.prepare` wraps a scheduler so that it steps once per process at each optimizer step (unless the
+    batches are split), and not at all on a step the fp16 scaler skipped.
+    """
+    if lr_scheduler is None:
+        return None, 1
+    per_step = 1
+    inner = getattr(lr_scheduler, "scheduler", None)
+    if inner is not None and hasattr(lr_scheduler, "step_with_optimizer"):  # accelerate's AcceleratedScheduler
+        if lr_scheduler.step_with_optimizer and not lr_scheduler.split_batches:
+            per_step = int(getattr(accelerator, "num_processes", 1) or 1)
+        lr_scheduler = inner
+    if not isinstance(lr_scheduler, torch_schedulers.LRScheduler) or isinstance(
+        lr_scheduler, torch_schedulers.ReduceLROnPlateau
+    ):
+        raise TypeError(
+            "lr_scheduler must be a torch.optim.lr_scheduler.LRScheduler that steps once per optimizer step (or "
+            f"the one accelerator.prepare returned), got {type(lr_scheduler).__name__}; without one, leave it unset."
+        )
+    return lr_scheduler, per_step

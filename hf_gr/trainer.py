@@ -17,11 +17,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from accelerate.utils.environment import parse_flag_from_env
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from . import checkpoint, gradient, hub, schedule
+from . import checkpoint, gradient, hub, record, schedule
 from .arguments import GRArguments, GRTrainingArguments, optimizer_name, validate_gr_arguments
 from .callbacks import WARMUP_CALLBACKS, GRWarmupCallback
 from .diagnostics import GradientNormProbe, GRDiagnosticsCallback, GRMetrics
@@ -55,6 +56,11 @@ class GRMixin:
 
     args: GRArguments
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse, when the class is defined, a base order in which a Trainer's own step, log or train run first."""
+        super().__init_subclass__(**kwargs)
+        _check_mixin_comes_first(cls)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, GRArguments):
@@ -68,7 +74,6 @@ class GRMixin:
         self.gr_metrics = GRMetrics()
         self._gr_plan: StepPlan | None = None
         self._gr_last_plan = StepPlan(GR, self.args.gr_lambda, self.args.gr_r)
-        self._gr_exact_lambda: float | None = None
         self._gr_user_scheduler = self.lr_scheduler is not None
         self._gr_warned_scheduler = False
         self.gr_warmup = self._gr_bind_warmup_callback()
@@ -79,6 +84,7 @@ class GRMixin:
         for callback in given:
             callback.bind(self.gr_metrics)
         self.add_callback(_GRStepCallback(self))
+        self.add_callback(record.GRSettingsRecord())
 
     # ---- set-up ----
 
@@ -96,6 +102,14 @@ class GRMixin:
                 "`fsdp_version: 2` in the accelerate config (configs/accelerate/fsdp2.yaml) or "
                 "fsdp_config={'fsdp_version': 2}."
             )
+        asked = "fsdp in the arguments" if self.args.fsdp else None
+        if asked is None and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+            asked = "the accelerate config"
+        if asked and not self.is_fsdp_enabled and self.is_local_process_zero():
+            logger.warning(
+                "FSDP was asked for (%s) but the run is %s: accelerate shards only on accelerators (not on CPU or "
+                "with use_cpu), so GR runs unsharded.", asked, self._gr_mode(),
+            )  # fmt: skip
         # What the Trainer itself reads (transformers >= 5.24); older versions shard nothing at load time.
         loaded_distributed = getattr(self.model, "is_distributed_loading_by_transformers", False)
         if loaded_distributed and not _is_fsdp_only(self.model):
@@ -178,7 +192,7 @@ class GRMixin:
                 gr_lambda, gr_r = self.gr_warmup.coefficients(a.gr_lambda, a.gr_r, fraction)
             else:
                 gr_lambda, gr_r = schedule.warmup_coefficients(a.gr_warmup_strategy, a.gr_lambda, a.gr_r, fraction)
-            self._gr_plan = self.gr_regularizer.plan_from(gr_lambda, gr_r, self.state.global_step)
+            self._gr_plan = self.gr_regularizer._plan_from(gr_lambda, gr_r, self.state.global_step)
         return self._gr_plan
 
     def _gr_schedule_step(self) -> int:
@@ -198,11 +212,7 @@ class GRMixin:
         self._gr_last_plan = plan
         parent = super().training_step
         if plan.kind == GR and self.args.gr_method == "exact":
-            self._gr_exact_lambda = plan.gr_lambda  # `compute_loss` adds λ·‖∇L‖ (double backprop)
-            try:
-                return parent(model, inputs, num_items_in_batch)
-            finally:
-                self._gr_exact_lambda = None
+            return self._gr_exact_step(parent, model, inputs, num_items_in_batch, plan.gr_lambda)
         regularizer = self.gr_regularizer
         regularizer.model, regularizer.args = model, self.args  # `hyperparameter_search` may swap either
         recording = self.gr_metrics.recording
@@ -222,22 +232,46 @@ class GRMixin:
         if recording and plan.kind != GR:
             trainable = [p for p in model.parameters() if p.requires_grad]
             with GradientNormProbe(trainable, regularizer.diagnostics_scale, self.gr_metrics.add):
-                loss = regularizer.step(run_pass, plan, self.accelerator.sync_gradients)
+                loss = regularizer._micro_batch(run_pass, plan, self.accelerator.sync_gradients)
         else:
-            loss = regularizer.step(run_pass, plan, self.accelerator.sync_gradients)
+            loss = regularizer._micro_batch(run_pass, plan, self.accelerator.sync_gradients)
         if passes == 2:
             self.current_flos += float(self.floating_point_ops(inputs))  # the loop counts one pass
         return loss
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        """The parent's loss, plus λ·‖∇L‖₂ by double backprop on a GR step with `gr_method="exact"`."""
-        result = super().compute_loss(model, inputs, *args, **kwargs)
-        if self._gr_exact_lambda is None:
-            return result
-        loss, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, None)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        loss = gradient.exact_gr_loss(loss, trainable, self._gr_exact_lambda)
-        return loss if rest is None else (loss, *rest)
+    def _gr_exact_step(self, parent: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any,
+                       gr_lambda: float) -> torch.Tensor:  # fmt: skip
+        """`gr_method="exact"`: the parent's step with λ·‖∇L‖₂ added to whatever `compute_loss` returns.
+
+        The `compute_loss` the parent calls (the user's own, with or without `super()`) is wrapped for this call only.
+        """
+        own = self.__dict__.get("compute_loss")
+        compute_loss = self.compute_loss
+        calls = 0
+
+        def with_penalty(loss_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            result = compute_loss(loss_model, *args, **kwargs)
+            loss, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, None)
+            trainable = [p for p in loss_model.parameters() if p.requires_grad]
+            loss = gradient.exact_gr_loss(loss, trainable, gr_lambda)
+            return loss if rest is None else (loss, *rest)
+
+        self.compute_loss = with_penalty  # type: ignore[method-assign]
+        try:
+            loss = parent(model, inputs, num_items_in_batch)
+        finally:
+            if own is None:
+                del self.compute_loss
+            else:
+                self.compute_loss = own  # type: ignore[method-assign]
+        if calls == 0:
+            raise RuntimeError(
+                f"gr_method='exact' adds λ·‖∇L‖ to the loss that `compute_loss` returns, but the training_step "
+                f"{type(self).__name__} inherits never called it: use gr_method='finite_difference'."
+            )
+        return loss
 
     @contextlib.contextmanager
     def _gr_second_pass_bookkeeping(self) -> Iterator[None]:
@@ -272,6 +306,38 @@ class GRMixin:
         super().log(logs, *args, **kwargs)
 
     # ---- train, checkpoints, model card ----
+
+    def _gr_begin_training(self, state: Any) -> None:
+        """At train start: say how GR runs, warn about W = 0, and record the settings (warning when a resume
+        changed them)."""
+        main = self.is_local_process_zero()
+        if main:
+            logger.info("GR: %s.", self._gr_mode())
+        if main and self.gr_warmup is not None and self.gr_warmup_length() == 0:
+            logger.warning("%s-warmup has W = 0 (no LR warmup and no gr_warmup_steps): full GR from the first step.",
+                           self.gr_warmup.strategy)  # fmt: skip
+        settings = record.settings_of(self.args, self.gr_warmup_length())
+        changed = self._gr_record().start(state, settings)
+        if main and changed:
+            logger.warning(
+                "Resuming at step %d with changed GR settings: %s. The checkpoints and the model card record each "
+                "setting with the steps it ran.", state.global_step, "; ".join(changed),
+            )  # fmt: skip
+
+    def _gr_mode(self) -> str:
+        """How the GR step runs here: the process layout and where the perturbation's g1 comes from."""
+        processes = self.accelerator.num_processes
+        if processes == 1:
+            return "single process"
+        if self.is_fsdp_enabled:
+            return f"FSDP2 over {processes} processes, perturbation synced (FSDP2 reduces g1 across replicas)"
+        if self.args.gr_sync_perturbation:
+            return f"DDP over {processes} processes, perturbation synced (the replica-mean g1, gr_sync_perturbation)"
+        return f"DDP over {processes} processes, perturbation per replica (each replica's own g1)"
+
+    def _gr_record(self) -> record.GRSettingsRecord:
+        """The settings record among the callbacks (the Trainer may swap in a restored one on resume)."""
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, record.GRSettingsRecord))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """The Trainer's `train`, restoring GR's own state (the kept reuse direction) when resuming."""
@@ -319,9 +385,36 @@ class GRMixin:
             dataset = kwargs.get("dataset")
             metadata = hub.gr_card_metadata(
                 self.args, self.state, self.gr_warmup_length(), dataset[0] if isinstance(dataset, list) else dataset,
-                kwargs.get("finetuned_from"),
+                kwargs.get("finetuned_from"), self._gr_record().segments,
             )  # fmt: skip
             hub.add_gr_to_model_card(os.path.join(self.args.output_dir, "README.md"), metadata)
+
+
+def _check_mixin_comes_first(cls: type) -> None:
+    """Raise when a `Trainer` (sub)class precedes `GRMixin` in `cls`'s MRO with its own `__init__`, `training_step`,
+    `log` or `train`: that one is reached first, and `Trainer`'s own never call `super()` (not even `__init__`), so
+    the model would train plain without a word."""
+    mro = cls.__mro__
+    before = [c for c in mro[: mro.index(GRMixin)] if issubclass(c, Trainer) and not issubclass(c, GRMixin)]
+    reached = {name: _first_definer(mro, name) for name in _GR_METHODS}
+    bypassed = [name for name, owner in reached.items() if owner in before]
+    if not bypassed:
+        return
+    owner = reached[bypassed[0]]
+    ordered = sorted(cls.__bases__, key=lambda b: not issubclass(b, GRMixin))  # stable: the GR base(s) first
+    verb = "is" if len(bypassed) == 1 else "are"
+    raise TypeError(
+        f"{cls.__name__} puts {owner.__name__} before GRMixin in its bases, so {owner.__name__}'s "
+        f"{', '.join(bypassed)} {verb} reached before GR's and the model may train without GR: put GR first, "
+        f"`class {cls.__name__}({', '.join(b.__name__ for b in ordered)})`."
+    )
+
+
+_GR_METHODS = ("__init__", "training_step", "log", "train")
+
+
+def _first_definer(mro: tuple[type, ...], name: str) -> type | None:
+    return next((c for c in mro if name in vars(c)), None)
 
 
 class GRTrainer(GRMixin, Trainer):
@@ -343,14 +436,11 @@ class _GRStepCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        trainer = self.trainer
-        if trainer.gr_warmup is not None and trainer.gr_warmup_length() == 0:
-            logger.warning("%s-warmup has W = 0 (no LR warmup and no gr_warmup_steps): full GR from the first step.",
-                           trainer.gr_warmup.strategy)  # fmt: skip
+        self.trainer._gr_begin_training(state)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._gr_plan = None
-        self.trainer.gr_regularizer.start_step()
+        self.trainer.gr_regularizer._start_step()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer = self.trainer

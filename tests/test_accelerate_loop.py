@@ -107,7 +107,7 @@ def test_accumulate_and_warmup_match_reference(strategy, warmup, accumulation):
     for batch in dataloader:
         with accelerator.accumulate(model):
             if accelerator.sync_gradients:  # the step's last micro-batch: read its plan before it advances
-                lambdas.append(regularizer.plan(regularizer.completed_steps).gr_lambda)
+                lambdas.append(regularizer._plan(regularizer.completed_steps).gr_lambda)
             regularizer.backward(loss_fn(model, batch))
             optimizer.step()
             optimizer.zero_grad()

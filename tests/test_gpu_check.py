@@ -1,5 +1,6 @@
-"""scripts/gpu_check.py: the dry run writes every key of the device check, and its CPU-computable checks pass;
-the carried data survives its coding; the GPU augmentation crops what it should; a broken GR step fails the check."""
+"""scripts/gpu_check/gpu_check.py: the dry run writes every key of the device check, and its CPU-computable checks
+pass; the carried data survives its coding; the GPU augmentation crops what it should; a broken GR step fails the
+check."""
 
 from __future__ import annotations
 

@@ -81,7 +81,7 @@ def run_mlp(accumulation: int, alpha: float, kind: str = "gr", mixed: bool = Fal
         COUNTS.clear()
         step_kind = kinds[step] if kinds else kind
         plan = StepPlan(step_kind, alpha * R if step_kind == "gr" else 0.0, R)
-        regularizer.start_step()
+        regularizer._start_step()
         for j in range(accumulation):
             micro = step * accumulation + j
             rows = slice(rank * BATCH, (rank + 1) * BATCH)
@@ -98,7 +98,7 @@ def run_mlp(accumulation: int, alpha: float, kind: str = "gr", mixed: bool = Fal
                 run_pass()
                 model.set_requires_gradient_sync(True)
             else:
-                regularizer.step(run_pass, plan, last)
+                regularizer._micro_batch(run_pass, plan, last)
             restored &= all(torch.equal(a, local(p)) for a, p in zip(before, model.parameters()))
         with torch.no_grad():
             for p in model.parameters():

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Benchmark GR's cost: GR and its cheaper modes against a plain Trainer step (the 2× floor) and a peer SAM.
 
-    python scripts/benchmark.py                      # the paper's ViT-Ti for CIFAR, batch 24, 1 thread
-    python scripts/benchmark.py --quick --json out.json
-    python scripts/benchmark.py --quick --profile gr_reuse4   # where one configuration's time goes
+    python scripts/benchmarks/benchmark.py                      # the paper's ViT-Ti for CIFAR, batch 24, 1 thread
+    python scripts/benchmarks/benchmark.py --quick --json out.json
+    python scripts/benchmarks/benchmark.py --quick --profile gr_reuse4   # where one configuration's time goes
 
 Times, interleaved in one process, whole cycles of consecutive optimizer steps (8 by default: one sample per
 configuration per round, the order rotating, warm-up rounds discarded, torch threads fixed) of: a plain `Trainer`,
@@ -26,13 +26,16 @@ import platform
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import torch
 
-import benchmarking as bench
-from paper_vit import PAPER_VIT_CONFIGS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the recipe's paper_vit
+
+import benchmarking as bench  # noqa: E402
+from paper_vit import PAPER_VIT_CONFIGS  # noqa: E402
 
 TARGETS: Mapping[str, tuple[float, str]] = MappingProxyType(
     {  # key: (limit, what it is measured against)

@@ -1,4 +1,4 @@
-"""Section 1 of `scripts/gpu_check.py`: is the GR step correct on this device?
+"""Section 1 of `scripts/gpu_check/gpu_check.py`: is the GR step correct on this device?
 
 Each check returns a dict with `passed` (True, False, or None where it does not apply) and its measurements:
 

@@ -1,6 +1,6 @@
 """Measure what a GR step costs: time against a plain Trainer step and a peer SAM, and the memory GR holds.
 
-Used by `scripts/benchmark.py` (see its docstring for the command line). Every configuration is a runner that
+Used by `benchmark.py` beside it (see its docstring for the command line). Every configuration is a runner that
 takes full optimizer steps on a fixed batch the way `Trainer`'s loop does: `on_step_begin` (through the callback
 handler, so `GRMixin` plans the step), each micro-batch's `training_step` with the sync flag set, clipping,
 `optimizer.step()`, the scheduler, `zero_grad`, `global_step += 1`, `on_step_end`.
@@ -468,7 +468,7 @@ def measure_memory(name: str, spec: ModelSpec, steps: int | None = None, warmup:
     configuration, and the counts get fast. Warm-up steps create the optimizer state first, so configurations
     compare at the same state. The measured steps follow (default: one cycle for the cheaper modes, so that they
     hold a GR step, else 2). Peak RSS is the process's high-water mark: meaningful only when the process ran
-    nothing else (`scripts/benchmark.py` runs each configuration in a subprocess).
+    nothing else (`scripts/benchmarks/benchmark.py` runs each configuration in a subprocess).
     """
     config = CONFIGS[name]
     if steps is None:
