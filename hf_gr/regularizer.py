@@ -104,7 +104,8 @@ class GradientRegularizer:
         lr_scheduler (`torch.optim.lr_scheduler.LRScheduler`, *optional*): the loop's LR scheduler (or the one
             `accelerator.prepare` returned): the warmup's t is its step count.
 
-    Attributes `model`, `args`, `metrics` and `diagnostics_scale` are internal: `GRMixin` sets them per step.
+    The attributes `model`, `accelerator`, `args`, `reuse`, `metrics` and `diagnostics_scale` are internal (`GRMixin`
+    sets some of them per step); a loop needs only the methods and properties above.
     """
 
     def __init__(
@@ -118,29 +119,8 @@ class GradientRegularizer:
         gradient_accumulation_steps: int | None = None,
         lr_scheduler: Any = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module (the one the loop calls), got {type(model).__name__}.")
-        if args is not None and not isinstance(args, GRArguments):
-            raise TypeError(f"args must be a GRArguments (or a subclass), got {type(args).__name__}.")
         args = args if args is not None else GRArguments()
-        for name, value, least in (("seed", seed, None), ("warmup_steps", warmup_steps, 0),
-                                   ("gradient_accumulation_steps", gradient_accumulation_steps, 1)):  # fmt: skip
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or
-                                      (least is not None and value < least)):  # fmt: skip
-                bound = "an integer" if least is None else f"an integer >= {least}"
-                raise ValueError(f"{name} must be {bound} or None, got {value!r}.")
-        if warmup_steps is not None and args.gr_warmup_steps is not None and warmup_steps != args.gr_warmup_steps:
-            raise ValueError(
-                f"warmup_steps={warmup_steps} contradicts args.gr_warmup_steps={args.gr_warmup_steps}: set only one."
-            )
-        if gradient_accumulation_steps is not None and accelerator is not None:
-            own = int(getattr(accelerator, "gradient_accumulation_steps", 1))
-            if gradient_accumulation_steps != own:
-                raise ValueError(
-                    f"gradient_accumulation_steps={gradient_accumulation_steps} contradicts the accelerator's "
-                    f"gradient_accumulation_steps={own}: with an accelerator, its `accumulate` decides which "
-                    "micro-batch ends a step; leave gradient_accumulation_steps unset."
-                )
+        _check_options(model, accelerator, args, seed, warmup_steps, gradient_accumulation_steps)
         self.model = model
         self.accelerator = accelerator
         self.args = args
@@ -167,6 +147,8 @@ class GradientRegularizer:
         self.reuse = ReuseState()
         self.metrics: Callable[[str, torch.Tensor], None] | None = None  # set while a diagnostic step records
         self.diagnostics_scale = 1.0  # divides raw norms into one batch's (loss scale over accumulation)
+        self._degenerate: torch.Tensor | None = None  # GR micro-batches without a direction (on the device)
+        self._gr_micro_batches = 0
 
     # ---- custom loops ----
 
@@ -334,7 +316,8 @@ class GradientRegularizer:
         if sharded:
             squared = self._sum_over_ranks(squared)
         norm = squared.sqrt()
-        divisor, _ = gradient.safe_divisor(norm, gradient.norm_floor(local_g1))
+        divisor, valid = gradient.safe_divisor(norm, gradient.norm_floor(local_g1))
+        self._count_degenerate(norm, valid)
         a_of = dict(zip(map(id, trainable), accumulated)) if accumulated is not None else {}
         backup = gradient.snapshot(local_params)
         handles: list[Any] = []
@@ -346,14 +329,15 @@ class GradientRegularizer:
             if self.metrics is not None:
                 self.metrics("gr_grad_norm", norm / self.diagnostics_scale)
             with_g1 = {id(p) for p in params}
-            for p in trainable:  # a parameter with A but no g1 is not in this micro-batch's graph: it keeps A
-                p.grad = None if id(p) in with_g1 else a_of.get(id(p))
+            for p in trainable:  # A stays in `.grad` only where pass 2 adds nothing to it (DDP reads it there)
+                p.grad = None if id(p) in with_g1 or sharded else a_of.get(id(p))
             replay.set_rng_state(rng)
             if sharded:
-                self._second_pass_sharded(run_pass, params, g1, local_g1, a_of, plan.alpha, measured)
+                self._second_pass_sharded(run_pass, trainable, params, g1, local_g1, a_of, plan.alpha, measured)
             else:
                 local_g1.clear()  # the same tensors as g1, which the combination now owns
                 combination = _Combination(
+                    trainable,
                     params,
                     g1,
                     a_of,
@@ -362,6 +346,8 @@ class GradientRegularizer:
                     measure=measured if self.metrics else None,
                 )
                 handles = combination.install()
+                if sync.finds_unused_parameters(self.model):  # DDP reads unused parameters' `.grad` as backward starts
+                    handles.append(self.model.register_forward_hook(combination.finish_unreached))
                 with replay.frozen_running_stats(self.model):
                     run_pass()
                 combination.finish_unfired()
@@ -385,6 +371,7 @@ class GradientRegularizer:
     def _second_pass_sharded(
         self,
         run_pass: Callable[[], torch.Tensor],
+        trainable: list[torch.Tensor],
         params: list[torch.Tensor],
         g1: list[torch.Tensor],
         local_g1: list[torch.Tensor],
@@ -392,30 +379,73 @@ class GradientRegularizer:
         alpha: float,
         measured: list[torch.Tensor],
     ) -> None:
-        """FSDP2: pass 2 reduce-scatters g2 into `.grad`; then g1 + α·(g2 − g1) + A on each rank's shards, in g1's."""
+        """FSDP2: pass 2 reduce-scatters g2 into `.grad` (None before it); then, on each rank's shards,
+        g1 + α·(g2 − g1) + A in g1's storage, a missing g2 or g1 counting as 0 (α·g2 + A for a parameter only in
+        pass 2's graph; A alone for one in neither)."""
         with sync.gradient_sync(self.model, self.accelerator, True, on=True), replay.frozen_running_stats(self.model):
             run_pass()
-        for p, first, first_local in zip(params, g1, local_g1):
+        first_of = {id(p): (first, first_local) for p, first, first_local in zip(params, g1, local_g1)}
+        for p in trainable:
+            a = a_of.get(id(p))
+            a_local = None if a is None else sync.local_shards([a])[0]
+            if id(p) not in first_of:
+                if p.grad is None:
+                    p.grad = a
+                    continue
+                g2 = sync.local_shards([p.grad])[0]  # only in pass 2's graph: α·g2 (+ A), in g2's storage
+                if self.metrics is not None:
+                    measured.append(_measure(g2, None))
+                with torch.no_grad():
+                    g2.mul_(alpha)
+                    if a_local is not None:
+                        g2.add_(a_local)
+                continue
+            first, first_local = first_of[id(p)]
             g2 = sync.local_shards([p.grad])[0] if p.grad is not None else torch.zeros_like(first_local)
             if self.metrics is not None:
-                g2f = g2.detach().float()
-                measured.append(torch.stack([g2f.square().sum(), (g2f * first_local.float()).sum()]).cpu())
-            a = a_of.get(id(p))
-            gradient.mix_(first_local, g2, alpha, None if a is None else sync.local_shards([a])[0])
+                measured.append(_measure(g2, first_local))
+            gradient.mix_(first_local, g2, alpha, a_local)
             p.grad = first
-        if measured:
+        if measured:  # summed over ranks on the parameters' device (an NCCL group reduces nothing on the CPU)
             measured[:] = [self._sum_over_ranks(torch.stack(measured).sum(0))]
 
     def _record_second_pass(self, norm: torch.Tensor, measured: list[torch.Tensor]) -> None:
-        total = torch.stack(measured).sum(0)
+        """Record ‖g2‖ and cos(g1, g2) from the per-parameter (‖g2‖², ⟨g2, g1⟩) sums, on the device."""
+        total = torch.stack([m.to(norm.device) for m in measured]).sum(0)
+        first_norm = norm.to(total.dtype)
         g2_norm = total[0].sqrt()
-        dot = total[1] if self.args.gr_first_term == "raw" else total[1] * norm.cpu()
-        cosine = torch.where(g2_norm * norm.cpu() > 0, dot / (g2_norm * norm.cpu()), torch.zeros(()))
+        dot = total[1] if self.args.gr_first_term == "raw" else total[1] * first_norm
+        product = g2_norm * first_norm
+        cosine = torch.where(product > 0, dot / torch.where(product > 0, product, 1.0), torch.zeros_like(product))
         self.metrics("gr_perturbed_grad_norm", g2_norm / self.diagnostics_scale)
         self.metrics("gr_cosine", cosine)
 
+    def _count_degenerate(self, norm: torch.Tensor, valid: torch.Tensor) -> None:
+        """Count, on the device, a GR micro-batch whose finite ‖g1‖ gave no direction (it ran as a plain step)."""
+        degenerate = (torch.isfinite(norm) & ~valid).to(torch.float32)
+        self._degenerate = degenerate if self._degenerate is None else self._degenerate + degenerate
+        self._gr_micro_batches += 1
+
+    def pop_degenerate_fraction(self) -> torch.Tensor | None:
+        """The share of GR micro-batches since the last call whose ‖g1‖ was zero or below the norm floor of the
+        gradients' dtype, so that GR had no direction and the micro-batch ran as a plain step (for example fp16
+        gradients without a loss scaler, which underflow). A device tensor (read it where values are read anyway,
+        at logging); None when no GR micro-batch ran."""
+        if self._degenerate is None:
+            return None
+        fraction = self._degenerate / self._gr_micro_batches
+        self._degenerate, self._gr_micro_batches = None, 0
+        return fraction
+
     def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         return sync.all_reduce_sum(tensor, sync.world_size(self.accelerator))
+
+
+def _measure(g2: torch.Tensor, g1: torch.Tensor | None) -> torch.Tensor:
+    """(‖g2‖², ⟨g2, g1⟩) of one parameter in float32 or wider, on g2's device (⟨g2, g1⟩ = 0 without a g1)."""
+    g2 = g2.detach().to(torch.promote_types(g2.dtype, torch.float32))
+    dot = (g2 * g1.to(g2.dtype)).sum() if g1 is not None else torch.zeros((), dtype=g2.dtype, device=g2.device)
+    return torch.stack([g2.square().sum(), dot])
 
 
 class _Combination:
@@ -423,42 +453,67 @@ class _Combination:
 
     A hook runs before autograd accumulates into `.grad` and before DDP reads it, so the one all-reduce of the
     last micro-batch carries the combined gradient. At α = 1 without diagnostics g1 is not kept (g = g2 + A).
+    A gradient missing from one pass counts as 0: a parameter only in pass 2's graph gets α·g2 + A, one only in
+    pass 1's (1 − α)·g1 + A, set before pass 2's backward under DDP with `find_unused_parameters` (which reads
+    the `.grad` of the parameters it finds unused as backward starts), else after pass 2.
     """
 
-    def __init__(self, params: list[torch.Tensor], g1: list[torch.Tensor], a_of: dict[int, torch.Tensor | None],
-                 alpha: float, keep_g1: bool, measure: list[torch.Tensor] | None) -> None:  # fmt: skip
-        self.params, self.alpha, self.measure = params, alpha, measure
-        self.g1: list[torch.Tensor | None] = list(g1) if keep_g1 else [None] * len(params)
+    def __init__(self, trainable: list[torch.Tensor], params: list[torch.Tensor], g1: list[torch.Tensor],
+                 a_of: dict[int, torch.Tensor | None], alpha: float, keep_g1: bool,
+                 measure: list[torch.Tensor] | None) -> None:  # fmt: skip
+        self.params, self.alpha, self.measure = trainable, alpha, measure
+        first_of = dict(zip(map(id, params), g1))
+        self.has_g1 = [id(p) in first_of for p in trainable]
+        self.g1: list[torch.Tensor | None] = [first_of.get(id(p)) if keep_g1 else None for p in trainable]
         g1.clear()  # the caller's list must not keep g1 alive: autograd may then take a result as `.grad` itself
-        self.accumulated = [a_of.get(id(p)) for p in params]
-        self.fired = [False] * len(params)
+        first_of.clear()
+        self.accumulated = [a_of.get(id(p)) for p in trainable]
+        self.done = [False] * len(trainable)
 
     def install(self) -> list[Any]:
         return [p.register_hook(self._hook(i)) for i, p in enumerate(self.params)]
 
     def _hook(self, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
         def combine(g2: torch.Tensor) -> torch.Tensor:
-            if self.fired[i]:  # a later part of g2 (reentrant checkpointing accumulates per segment): α·part
+            if self.done[i]:  # a later part of g2 (reentrant checkpointing accumulates per segment): α·part
                 return g2 if self.alpha == 1.0 else g2 * self.alpha
-            self.fired[i] = True
+            self.done[i] = True
             g1, self.g1[i] = self.g1[i], None
             accumulated = self.accumulated[i]
-            if self.measure is not None and g1 is not None:
-                g2f = g2.detach().float()
-                self.measure.append(torch.stack([g2f.square().sum(), (g2f * g1.float()).sum()]).cpu())
+            if self.measure is not None:
+                self.measure.append(_measure(g2, g1))
+            if not self.has_g1[i]:  # only in pass 2's graph: α·g2 + A, a new tensor (A, in `.grad`, stays intact)
+                self.params[i].grad = None
+                part = g2 if self.alpha == 1.0 else g2 * self.alpha
+                return part if accumulated is None else part + accumulated
             if g1 is None:  # α = 1: g = g2 (+ A)
                 return g2 if accumulated is None else g2 + accumulated
             return gradient.mix_(g1, g2, self.alpha, accumulated)
 
         return combine
 
-    def finish_unfired(self) -> None:
-        """Parameters that had a g1 but got no g2 (not in pass 2's graph): g2 counts as 0."""
+    def _without_g2(self, i: int) -> torch.Tensor:
+        """(1 − α)·g1 + A for a parameter with a g1 and no g2 (zeros at α = 1 without A: a gradient, not None)."""
+        self.done[i] = True
+        g1, self.g1[i] = self.g1[i], None
+        accumulated = self.accumulated[i]
+        if g1 is None:
+            return accumulated if accumulated is not None else torch.zeros_like(self.params[i])
+        return gradient.mix_(g1, torch.zeros_like(g1), self.alpha, accumulated)
+
+    def finish_unreached(self, module: nn.Module, args: Any, outputs: Any) -> None:
+        """A forward hook for pass 2 under DDP: the parameters with a g1 that pass 2's graph does not reach get
+        (1 − α)·g1 + A now, before the backward in which DDP all-reduces their `.grad` as unused parameters."""
+        reached = sync.reached_parameters(outputs)
         for i, p in enumerate(self.params):
-            if self.fired[i]:
-                continue
-            g1, accumulated = self.g1[i], self.accumulated[i]
-            p.grad = accumulated if g1 is None else gradient.mix_(g1, torch.zeros_like(g1), self.alpha, accumulated)
+            if self.has_g1[i] and not self.done[i] and id(p) not in reached:
+                p.grad = self._without_g2(i)
+
+    def finish_unfired(self) -> None:
+        """After pass 2: a parameter that had a g1 but got no g2 gets (1 − α)·g1 + A; one with neither keeps A."""
+        for i, p in enumerate(self.params):
+            if self.has_g1[i] and not self.done[i]:
+                p.grad = self._without_g2(i)
 
 
 def _unwrap_scheduler(lr_scheduler: Any, accelerator: Any) -> tuple[Any, int]:
@@ -483,3 +538,31 @@ def _unwrap_scheduler(lr_scheduler: Any, accelerator: Any) -> tuple[Any, int]:
             f"the one accelerator.prepare returned), got {type(lr_scheduler).__name__}; without one, leave it unset."
         )
     return lr_scheduler, per_step
+
+
+def _check_options(
+    model: Any, accelerator: Any, args: Any, seed: Any, warmup_steps: Any, gradient_accumulation_steps: Any
+) -> None:
+    """Refuse bad or contradictory constructor arguments, naming them."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (the one the loop calls), got {type(model).__name__}.")
+    if not isinstance(args, GRArguments):
+        raise TypeError(f"args must be a GRArguments (or a subclass), got {type(args).__name__}.")
+    for name, value, least in (("seed", seed, None), ("warmup_steps", warmup_steps, 0),
+                               ("gradient_accumulation_steps", gradient_accumulation_steps, 1)):  # fmt: skip
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or
+                                  (least is not None and value < least)):  # fmt: skip
+            bound = "an integer" if least is None else f"an integer >= {least}"
+            raise ValueError(f"{name} must be {bound} or None, got {value!r}.")
+    if warmup_steps is not None and args.gr_warmup_steps is not None and warmup_steps != args.gr_warmup_steps:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} contradicts args.gr_warmup_steps={args.gr_warmup_steps}: set only one."
+        )
+    if gradient_accumulation_steps is not None and accelerator is not None:
+        own = int(getattr(accelerator, "gradient_accumulation_steps", 1))
+        if gradient_accumulation_steps != own:
+            raise ValueError(
+                f"gradient_accumulation_steps={gradient_accumulation_steps} contradicts the accelerator's "
+                f"gradient_accumulation_steps={own}: with an accelerator, its `accumulate` decides which "
+                "micro-batch ends a step; leave gradient_accumulation_steps unset."
+            )

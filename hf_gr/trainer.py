@@ -22,7 +22,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from . import checkpoint, gradient, hub, record, schedule
+from . import checkpoint, gradient, hub, record, schedule, sync
 from .arguments import GRArguments, GRTrainingArguments, optimizer_name, validate_gr_arguments
 from .callbacks import WARMUP_CALLBACKS, GRWarmupCallback
 from .diagnostics import GradientNormProbe, GRDiagnosticsCallback, GRMetrics
@@ -302,6 +302,9 @@ class GRMixin:
         """Add GR's metrics to every training log entry (the step's λ, r; the fractions; the diagnostics)."""
         if "loss" in logs:
             logs["gr_lambda"], logs["gr_r"] = self._gr_last_plan.gr_lambda, self._gr_last_plan.gr_r
+            degenerate = self.gr_regularizer.pop_degenerate_fraction()
+            if degenerate is not None:
+                self.gr_metrics.add("gr_degenerate_fraction", degenerate)
             logs.update(self.gr_metrics.pop_means(self.args.device if self.args.world_size > 1 else None))
         super().log(logs, *args, **kwargs)
 
@@ -329,7 +332,7 @@ class GRMixin:
         processes = self.accelerator.num_processes
         if processes == 1:
             return "single process"
-        if self.is_fsdp_enabled:
+        if self.is_fsdp_enabled or sync.is_sharded([p for p in self.model.parameters() if p.requires_grad]):
             return f"FSDP2 over {processes} processes, perturbation synced (FSDP2 reduces g1 across replicas)"
         if self.args.gr_sync_perturbation:
             return f"DDP over {processes} processes, perturbation synced (the replica-mean g1, gr_sync_perturbation)"

@@ -208,3 +208,17 @@ def test_fsdp2_through_accelerate_is_accepted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GRTrainer, "create_accelerator_and_postprocess", pretend)
     GRTrainer(model=TinyNet(), args=make_args(tmp_path))  # no error: the FSDP2 step is supported
+
+
+@pytest.mark.parametrize(
+    "run, line",
+    [("gr_ga1", "GR: DDP over 2 processes, perturbation per replica (each replica's own g1)."),
+     ("gr_sync", "GR: DDP over 2 processes, perturbation synced (the replica-mean g1, gr_sync_perturbation).")],
+)  # fmt: skip
+def test_train_start_says_ddp_and_where_the_perturbation_comes_from(ddp_results, run, line):
+    assert [entry for entry in ddp_results[run]["gr_log"] if entry.startswith("GR: ")] == [line]
+
+
+def test_fsdp_asked_for_on_cpu_warns_that_the_run_is_ddp(ddp_results):
+    (warning,) = ddp_results["fsdp_on_cpu_log"]
+    assert warning.startswith("FSDP was asked for (fsdp in the arguments) but the run is DDP over 2 processes")

@@ -139,6 +139,34 @@ def test_fsdp_bf16_mixed_precision(fsdp_results):
     assert _err(gr["params"], want) < _err(plain["params"], want) / 3  # and closer to GR than plain training is
 
 
+def test_fsdp_diagnostics_reduce_on_the_parameters_device(fsdp_results):
+    """‖g1‖, ‖g2‖ and cos(g1, g2) of the full batch, summed over ranks on the parameters' device: an NCCL-only
+    process group cannot all-reduce a CPU tensor. On CPU (gloo) the devices agree anyway, so the run also counts
+    `Tensor.cpu` calls in the step: none."""
+    results, _ = fsdp_results
+    run = results["gr_diagnostics"]
+    assert run["all_reduce_devices"] and set(run["all_reduce_devices"]) == {run["param_device"]}
+    assert run["cpu_calls"] == 0
+    model = TinyMLP()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = mlp_data(1)
+
+    def grad(at):
+        leaves = {n: p.clone().requires_grad_(True) for n, p in at.items()}
+        loss = F.mse_loss(functional_call(model, leaves, args=(x[0],)), y[0])
+        return torch.autograd.grad(loss, list(leaves.values()))
+
+    g1 = grad(params)
+    n1 = torch.sqrt(sum((g.double() ** 2).sum() for g in g1))
+    g2 = grad({n: p + (R / n1).float() * g for (n, p), g in zip(params.items(), g1)})
+    n2 = torch.sqrt(sum((g.double() ** 2).sum() for g in g2))
+    cosine = sum((a.double() * b.double()).sum() for a, b in zip(g1, g2)) / (n1 * n2)
+    got = run["metrics"]
+    assert got["gr_grad_norm"] == pytest.approx([float(n1)], rel=1e-5)
+    assert got["gr_perturbed_grad_norm"] == pytest.approx([float(n2)], rel=1e-5)
+    assert got["gr_cosine"] == pytest.approx([float(cosine)], rel=1e-5)
+
+
 def _llama_reference(path, accumulation: int, gr_lambda: float) -> dict:
     from transformers import LlamaForCausalLM
 
@@ -179,3 +207,10 @@ def test_grtrainer_under_fsdp2_collectives(fsdp_results):
     assert gr["reduce_scatter_single"] == 2 * plain["reduce_scatter_single"]
     assert gr["all_gather_single"] == 2 * plain["all_gather_single"]
     assert gr.get("all_reduce", 0) - plain.get("all_reduce", 0) == 2  # one scalar all-reduce per GR micro-batch
+
+
+def test_grtrainer_under_fsdp2_says_so_at_train_start(fsdp_results):
+    results, _ = fsdp_results
+    assert [line for line in results["trainer_gr_ga1"]["gr_log"] if line.startswith("GR: ")] == [
+        "GR: FSDP2 over 2 processes, perturbation synced (FSDP2 reduces g1 across replicas)."
+    ]
