@@ -39,7 +39,7 @@ def python_blocks(path: Path) -> list[tuple[int, str, str | None]]:
         i += 1
         body = []
         while i < len(lines) and lines[i].strip() != "```":
-            body.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i])
+            body.append(lines[i][len(indent) :] if lines[i].startswith(indent) else lines[i])
             i += 1
         i += 1  # the closing fence
         if lang != "python":
@@ -71,7 +71,37 @@ def test_the_block_parser(tmp_path):
         "<!-- no-run: needs two GPUs -->\n```python\nprint(3)\n```\n",
         encoding="utf-8",
     )
-    assert python_blocks(page) == [(5, "print(1)\n", None), (10, "print(2)\n", None), (14, "print(3)\n", "needs two GPUs")]
+    assert python_blocks(page) == [
+        (5, "print(1)\n", None),
+        (10, "print(2)\n", None),
+        (14, "print(3)\n", "needs two GPUs"),
+    ]
+
+
+def run_block(code: str, folder: Path) -> subprocess.CompletedProcess:
+    """Run `code` as a script in `folder`, in a fresh process, offline, with one torch thread."""
+    script = folder / "block.py"
+    script.write_text(code, encoding="utf-8")
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),  # this checkout's hf_gr
+    )
+    return subprocess.run(
+        [sys.executable, str(script)], cwd=folder, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+
+
+def test_the_runner_reports_a_failing_block_and_runs_offline_in_the_folder(tmp_path):
+    done = run_block("import os, sys\nprint(os.environ['HF_HUB_OFFLINE'], os.getcwd())\nsys.exit(3)\n", tmp_path)
+    assert done.returncode == 3
+    offline, cwd = done.stdout.split()
+    assert offline == "1" and Path(cwd).resolve() == tmp_path.resolve()
 
 
 @pytest.mark.parametrize(("code", "reason"), BLOCKS)
@@ -79,14 +109,16 @@ def test_python_block_runs(code: str, reason: str | None, tmp_path: Path):
     if reason is not None:
         assert reason, "a no-run marker must say why the block cannot run"
         pytest.skip(reason)
-    script = tmp_path / "block.py"
-    script.write_text(code, encoding="utf-8")
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-    )  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
-    )
+    done = run_block(code, tmp_path)
     assert done.returncode == 0, f"exit {done.returncode}\n--- code\n{code}\n--- stderr\n{done.stderr[-4000:]}"
+
+
+def test_readme_links_point_into_the_repository():
+    """README.md's relative links (into docs/ and elsewhere) name files that exist; mkdocs checks those of docs/."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = [
+        t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in t and not t.startswith("#")
+    ]
+    assert targets, "README.md links into docs/"
+    missing = [t for t in targets if not (ROOT / t).exists()]
+    assert not missing, missing
