@@ -26,6 +26,8 @@ ADAPTIVE_LR_KEYS = (
     "adaptive_lr_max",
     "adaptive_lr_log_var",
     "adaptive_lr_inactive_fraction",
+    "adaptive_psi_mean",
+    "adaptive_psi_var",
 )
 
 
@@ -131,20 +133,25 @@ def adaptive_lr_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     - `adaptive_lr_log_var`: the population variance of ln ψ, ψ = 1/(√v̂ + eps), over the *active* elements
       (√v̂ > 10·eps): free of the learning rate and of scale, and of the elements whose gradient is ~0 (e.g.
       attention key biases), whose 1/eps would otherwise dominate;
+    - `adaptive_psi_mean`, `adaptive_psi_var`: the mean and population variance of ψ itself over the active
+      elements: free of the learning rate but not of scale (ψ grows as the gradients shrink, as RAdam's
+      Var[ψ] does), the quantity the paper's argument goes through;
     - `adaptive_lr_inactive_fraction`: the share of elements with optimizer state that are not active.
     """
     moments = second_moments(optimizer)
     if not moments:
         return {}
-    sums = torch.zeros(6, dtype=torch.float64)  # Σrate, Σrate², count, Σlnψ, Σ(lnψ)², active
+    sums = torch.zeros(8, dtype=torch.float64)  # Σrate, Σrate², count, Σlnψ, Σ(lnψ)², active, Σψ, Σψ² (active)
     maxima = []
     for v_hat, lr, eps in moments:
         root = v_hat.clamp(min=0).sqrt()
         rate = lr / (root + eps)
         active = root > 10 * eps
-        log_psi = -torch.log(root[active] + eps)
+        psi = 1 / (root[active] + eps)
+        log_psi = psi.log()
         count = torch.tensor(float(rate.numel()), dtype=torch.float64, device=rate.device)
         part = [rate.sum(), rate.square().sum(), count, log_psi.sum(), log_psi.square().sum(), active.sum().double()]
+        part += [psi.sum(), psi.square().sum()]
         sums += torch.stack(part).cpu()
         maxima.append(rate.max().cpu())
     total, rate_sum, rate_sq, count_active = float(sums[2]), float(sums[0]), float(sums[1]), float(sums[5])
@@ -158,8 +165,11 @@ def adaptive_lr_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     if count_active > 0:
         log_mean = float(sums[3]) / count_active
         stats["adaptive_lr_log_var"] = max(float(sums[4]) / count_active - log_mean**2, 0.0)
+        psi_mean = float(sums[6]) / count_active
+        stats["adaptive_psi_mean"] = psi_mean
+        stats["adaptive_psi_var"] = max(float(sums[7]) / count_active - psi_mean**2, 0.0)
     else:
-        stats["adaptive_lr_log_var"] = math.nan
+        stats["adaptive_lr_log_var"] = stats["adaptive_psi_mean"] = stats["adaptive_psi_var"] = math.nan
     return stats
 
 
@@ -170,7 +180,8 @@ class GRDiagnosticsCallback(TrainerCallback):
     step's batch at the parameters it started from (averaged over micro-batches and replicas). On plain and reuse
     steps (λ = 0, zero-warmup): `gr_grad_norm`, ‖g‖ measured the same way. With Adam/AdamW/RMSProp, right after
     the step's update: `adaptive_lr_mean`, `adaptive_lr_var`, `adaptive_lr_max` of lr/(√v̂ + eps), and the
-    learning-rate-free `adaptive_lr_log_var` and `adaptive_lr_inactive_fraction` (see `adaptive_lr_stats`). The
+    learning-rate-free `adaptive_lr_log_var`, `adaptive_lr_inactive_fraction`, `adaptive_psi_mean` and
+    `adaptive_psi_var` (see `adaptive_lr_stats`). The
     entry logged after step s describes step s. Off-diagnostic steps cost nothing.
 
     Args:

@@ -19,22 +19,25 @@ from .arguments import GRArguments, optimizer_name
 
 GR_TAGS = ("gradient-regularization", "hf_gr")
 _TIMINGS = ("runtime", "per_second")
-_SECTION = """## Gradient regularization
+_HEADER = """## Gradient regularization
 
 Trained with hf_gr's gradient regularization, L + λ·‖∇L‖₂ (Zhao, Zhang & Hu, "When Will Gradient Regularization
 Be Harmful?", ICML 2024):
 
-- λ = {gr_lambda}, r = {gr_r} (α = λ/r = {alpha}), method: {gr_method}, first term: {gr_first_term}
+"""
+_SETTINGS = """- λ = {gr_lambda}, r = {gr_r} (α = λ/r = {alpha}), method: {gr_method}, first term: {gr_first_term}
 - GR warmup: {gr_warmup_strategy} over W = {gr_warmup_steps} optimizer steps
 - cheaper modes: interval k = {gr_interval}, probability p = {gr_probability}, reuse = {gr_reuse}
-- optimizer: {optimizer}, learning rate {learning_rate}, weight decay {weight_decay}, {max_steps} steps
+"""
+_RANGES = "- GR settings by range of optimizer steps (changed on resume; steps not listed were not recorded):\n"
+_RANGE = (
+    "  - steps {first_step}–{last_step}: λ = {gr_lambda}, r = {gr_r} (α = {alpha}), method: {gr_method}, first term: "
+    "{gr_first_term}, GR warmup: {gr_warmup_strategy} over W = {gr_warmup_steps}, interval k = {gr_interval}, "
+    "probability p = {gr_probability}, reuse = {gr_reuse}, synced perturbation = {gr_sync_perturbation}\n"
+)
+_RUN = """- optimizer: {optimizer}, learning rate {learning_rate}, weight decay {weight_decay}, {max_steps} steps
 - dataset: {dataset}; base model: {base}
 """
-_SEGMENT = (
-    "steps {first_step}–{last_step}: λ = {gr_lambda}, r = {gr_r} (α = {alpha}), method: {gr_method}, first term: "
-    "{gr_first_term}, GR warmup: {gr_warmup_strategy} over W = {gr_warmup_steps}, interval k = {gr_interval}, "
-    "probability p = {gr_probability}, reuse = {gr_reuse}, synced perturbation = {gr_sync_perturbation}"
-)
 
 
 def gr_card_metadata(
@@ -91,16 +94,13 @@ def add_gr_to_model_card(path: str, metadata: dict[str, Any]) -> ModelCard:
         data.base_model = metadata["base_model"]
     if metadata.get("dataset") and not data.datasets:
         data.datasets = [metadata["dataset"]]
-    section = _SECTION.format(
-        alpha=f"{metadata['gr_alpha']:.4g}", base=metadata["base_model"] or "none (trained from scratch)", **metadata
-    )
     ranges = metadata.get("gr_segments") or []
-    if len(ranges) > 1:  # a resume changed the settings: the lines above describe the last range only
-        lines = [_SEGMENT.format(alpha=f"{s['gr_lambda'] / s['gr_r']:.4g}", **s) for s in ranges]
-        section += (
-            "- the settings above are the last steps'; a resume changed them, and each range of steps ran with:\n"
-        )
-        section += "".join(f"  - {line}\n" for line in lines)
+    if len(ranges) > 1 or (ranges and ranges[0]["first_step"] > 1):
+        settings = _RANGES + "".join(_RANGE.format(alpha=f"{r['gr_lambda'] / r['gr_r']:.4g}", **r) for r in ranges)
+    else:
+        settings = _SETTINGS.format(alpha=f"{metadata['gr_alpha']:.4g}", **metadata)
+    base = metadata["base_model"] or "none (trained from scratch)"
+    section = _HEADER + settings + _RUN.format(base=base, **metadata)
     results = [f"{k} {v:.4g}" for k, v in metadata["eval_results"].items() if k in ("accuracy", "error_rate")]
     if results:
         section += f"- eval: {', '.join(results)}\n"

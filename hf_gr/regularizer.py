@@ -9,11 +9,14 @@ It runs the two passes of a GR step around a function that does one forward and 
 3. pass 2 at θ + ε with the same random masks. As each parameter's g2 arrives, a gradient hook forms
    g1 + α·(g2 − g1) + A in g1's storage and hands it to autograd, so under DDP the last micro-batch's all-reduce
    carries the combined gradient (one all-reduce per optimizer step, as in plain training). Under FSDP2 (hooks
-   on sharded parameters do not fire) the combination is formed on the shards after pass 2;
+   on sharded parameters do not fire) the combination is formed on the shards after pass 2. A gradient missing
+   from one pass (a parameter that data-dependent routing or an early exit leaves out of that pass's graph)
+   counts as 0: α·g2 + A for a parameter only in pass 2, (1 − α)·g1 + A for one only in pass 1;
 4. θ restored bit for bit from a copy. When a pass raises, θ and `.grad` (= A) are left exactly as before.
 
-Nothing here reads a value back to the host: a zero or non-finite ‖g1‖ is handled on the device (a zero g1 gives
-a plain step, a non-finite one a non-finite gradient that the fp16 scaler skips).
+Nothing here reads a value back to the host: a zero or non-finite ‖g1‖ is handled on the device (a zero g1, or one
+below the norm floor of its dtype, gives a plain step, counted on the device and logged by `GRTrainer` as
+`gr_degenerate_fraction`; a non-finite one gives a non-finite gradient that the fp16 scaler skips).
 """
 
 from __future__ import annotations
@@ -375,7 +378,7 @@ class GradientRegularizer:
             if self.metrics is not None:
                 self.metrics("gr_grad_norm", norm / self.diagnostics_scale)
             with_g1 = {id(p) for p in params}
-            for p in trainable:  # A stays in `.grad` only where pass 2 adds nothing to it (DDP reads it there)
+            for p in trainable:  # without a g1, A stays in `.grad` (DDP may read it), unless FSDP2 adds g2 to it
                 p.grad = None if id(p) in with_g1 or sharded else a_of.get(id(p))
             replay.set_rng_state(rng)
             if sharded:
@@ -396,7 +399,15 @@ class GradientRegularizer:
                     handles.append(self.model.register_forward_hook(combination.finish_unreached))
                 with replay.frozen_running_stats(self.model):
                     run_pass()
-                combination.finish_unfired()
+                unfired = combination.finish_unfired()
+                if unfired and sync.reduces_only_used_parameters(self.model):
+                    raise RuntimeError(
+                        f"GR's perturbation changed which parameters the model uses: {unfired} parameter(s) had a "
+                        "gradient at θ but none at θ + ε (data-dependent routing or an early exit), which DDP "
+                        "without find_unused_parameters cannot all-reduce. Set ddp_find_unused_parameters=True "
+                        "(TrainingArguments) or find_unused_parameters=True (DistributedDataParallel, or accelerate's "
+                        "DistributedDataParallelKwargs)."
+                    )
         except BaseException:
             gradient.put_back_(trainable, accumulated)
             raise
@@ -472,7 +483,7 @@ class GradientRegularizer:
         self._degenerate = degenerate if self._degenerate is None else self._degenerate + degenerate
         self._gr_micro_batches += 1
 
-    def pop_degenerate_fraction(self) -> torch.Tensor | None:
+    def _pop_degenerate_fraction(self) -> torch.Tensor | None:
         """The share of GR micro-batches since the last call whose ‖g1‖ was zero or below the norm floor of the
         gradients' dtype, so that GR had no direction and the micro-batch ran as a plain step (for example fp16
         gradients without a loss scaler, which underflow). A device tensor (read it where values are read anyway,
@@ -555,11 +566,15 @@ class _Combination:
             if self.has_g1[i] and not self.done[i] and id(p) not in reached:
                 p.grad = self._without_g2(i)
 
-    def finish_unfired(self) -> None:
-        """After pass 2: a parameter that had a g1 but got no g2 gets (1 − α)·g1 + A; one with neither keeps A."""
+    def finish_unfired(self) -> int:
+        """After pass 2: a parameter that had a g1 but got no g2 gets (1 − α)·g1 + A; one with neither keeps A.
+        Returns how many had a g1 and got no g2 (and were not finished before pass 2's backward)."""
+        unfired = 0
         for i, p in enumerate(self.params):
             if self.has_g1[i] and not self.done[i]:
                 p.grad = self._without_g2(i)
+                unfired += 1
+        return unfired
 
 
 def _unwrap_scheduler(lr_scheduler: Any, accelerator: Any) -> tuple[Any, int]:

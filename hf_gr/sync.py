@@ -60,7 +60,9 @@ def average_across_replicas_(trainable: list[torch.Tensor], world: int) -> None:
     """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
     missing = [p.grad is None for p in trainable]
-    present = torch.tensor([not m for m in missing], dtype=grads[0].dtype, device=grads[0].device)
+    present = torch.ones(len(grads), dtype=grads[0].dtype, device=grads[0].device)  # built on the device
+    for i in (i for i, m in enumerate(missing) if m):
+        present[i] = 0
     flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads] + [present]), world)
     *chunks, counts = torch.split(flat, [g.numel() for g in grads] + [len(grads)])
     own = [(g, c) for g, c, m in zip(grads, chunks, missing) if not m]
@@ -78,6 +80,18 @@ def finds_unused_parameters(model: nn.Module) -> bool:
     from torch.nn.parallel import DistributedDataParallel
 
     return isinstance(model, DistributedDataParallel) and bool(model.find_unused_parameters)
+
+
+def reduces_only_used_parameters(model: nn.Module) -> bool:
+    """Whether `model` is DDP without `find_unused_parameters`, about to all-reduce in this backward: it then
+    expects a gradient for every parameter and cannot reduce one that the backward left out."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return (
+        isinstance(model, DistributedDataParallel)
+        and not model.find_unused_parameters
+        and bool(model.require_backward_grad_sync)
+    )
 
 
 def reached_parameters(outputs: Any) -> set[int]:

@@ -47,14 +47,20 @@ class GRMixin:
     schedule's step count, then `gr_interval`, `gr_probability` and `gr_reuse` pick GR, plain or reuse steps.
     A GR step's micro-batches run `GradientRegularizer`'s two passes around the parent's own `training_step`
     (so its loss scaling, mixed precision and `compute_loss` apply to both); the others run the parent's step
-    once. The Trainer's clipping, optimizer step and scheduler then run unchanged on `.grad`.
+    once. The Trainer's clipping, optimizer step and scheduler then run unchanged on `.grad`. With
+    `gr_method="exact"` the parent's step runs once, with λ·‖∇L‖₂ added to whatever its `compute_loss` returns.
+
+    At train start it logs how GR runs (single process, DDP or FSDP2 over N processes, and whether the perturbation
+    is per replica or synced), and every checkpoint records the GR settings in force with the optimizer steps they
+    ran for (`hf_gr.record`); a resume with other settings warns, naming each change.
 
     Logged with every training log entry: `gr_lambda` and `gr_r` (what the last step applied; λ = 0 on a plain or
     reuse step), `gr_step_fraction` and `gr_reuse_fraction` (the share of optimizer steps since the last log that
-    were GR and reuse steps), and the diagnostics of `GRDiagnosticsCallback` when it measured. After a GR step
-    whose pass 1 saw the whole batch: `gr_sharpness`, L(θ + ε) − L(θ) of the step's batch (pass 2's loss less pass
-    1's, in the units of the logged `loss`), averaged over the GR steps since the last log and over the replicas;
-    it costs no extra pass and no host sync.
+    were GR and reuse steps), `gr_degenerate_fraction` (the share of GR micro-batches whose ‖g1‖ gave no direction,
+    so that they ran as plain steps; warned about once when non-zero), and the diagnostics of
+    `GRDiagnosticsCallback` when it measured. After a GR step whose pass 1 saw the whole batch: `gr_sharpness`,
+    L(θ + ε) − L(θ) of the step's batch (pass 2's loss less pass 1's, in the units of the logged `loss`), averaged
+    over the GR steps since the last log and over the replicas; it costs no extra pass and no host sync.
 
     With `gr_ascent_fraction` < 1 pass 1 runs on the first ⌈f·B⌉ samples of each micro-batch (`hf_gr.ascent`),
     passing `num_items_in_batch` on unchanged (only the direction of its g1 is used, and a direction does not
@@ -335,7 +341,7 @@ class GRMixin:
         """Add GR's metrics to every training log entry (the step's λ, r; the fractions; the diagnostics)."""
         if "loss" in logs:
             logs["gr_lambda"], logs["gr_r"] = self._gr_last_plan.gr_lambda, self._gr_last_plan.gr_r
-            degenerate = self.gr_regularizer.pop_degenerate_fraction()
+            degenerate = self.gr_regularizer._pop_degenerate_fraction()
             if degenerate is not None:
                 self.gr_metrics.add("gr_degenerate_fraction", degenerate)
             logs.update(self.gr_metrics.pop_means(self.args.device if self.args.world_size > 1 else None))
@@ -355,7 +361,13 @@ class GRMixin:
             logger.warning("%s-warmup has W = 0 (no LR warmup and no gr_warmup_steps): full GR from the first step.",
                            self.gr_warmup.strategy)  # fmt: skip
         settings = record.settings_of(self.args, self.gr_warmup_length())
-        changed = self._gr_record().start(state, settings)
+        recorded = self._gr_record()
+        changed = recorded.start(state, settings)
+        if main and recorded.segments[0]["first_step"] > 1:
+            logger.warning(
+                "The checkpoint at step %d holds no record of the GR settings its steps ran with: the checkpoints and "
+                "the model card record steps %d onwards only.", state.global_step, state.global_step + 1,
+            )  # fmt: skip
         if main and changed:
             logger.warning(
                 "Resuming at step %d with changed GR settings: %s. The checkpoints and the model card record each "
@@ -429,12 +441,13 @@ class GRMixin:
 
 
 def _check_mixin_comes_first(cls: type) -> None:
-    """Raise when a `Trainer` (sub)class precedes `GRMixin` in `cls`'s MRO with its own `__init__`, `training_step`,
-    `log` or `train`: that one is reached first, and `Trainer`'s own never call `super()` (not even `__init__`), so
-    the model would train plain without a word."""
+    """Raise when a `Trainer` (sub)class precedes `GRMixin` in `cls`'s MRO with its own version of a method GR
+    overrides (`__init__`, `training_step`, `log`, `train`, ...): that one is reached first, and `Trainer`'s own never
+    call `super()` (not even `__init__`), so the model would train plain without a word."""
     mro = cls.__mro__
     before = [c for c in mro[: mro.index(GRMixin)] if issubclass(c, Trainer) and not issubclass(c, GRMixin)]
-    reached = {name: _first_definer(mro, name) for name in _GR_METHODS}
+    overridden = [name for name, value in vars(GRMixin).items() if callable(value) and name != "__init_subclass__"]
+    reached = {name: _first_definer(mro, name) for name in overridden}
     bypassed = [name for name, owner in reached.items() if owner in before]
     if not bypassed:
         return
@@ -446,9 +459,6 @@ def _check_mixin_comes_first(cls: type) -> None:
         f"{', '.join(bypassed)} {verb} reached before GR's and the model may train without GR: put GR first, "
         f"`class {cls.__name__}({', '.join(b.__name__ for b in ordered)})`."
     )
-
-
-_GR_METHODS = ("__init__", "training_step", "log", "train")
 
 
 def _first_definer(mro: tuple[type, ...], name: str) -> type | None:

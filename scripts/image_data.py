@@ -11,7 +11,6 @@ augmenting normalized tensors equals augmenting pixels first.
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +123,24 @@ def load_image_dataset(
     return DatasetDict({"train": raw["train"], "validation": raw["validation"]})
 
 
+def load_test_sets(specs: list[str] | None, cache_dir: str | None = None) -> dict[str, Dataset]:
+    """The held-out sets of `--test_files name=path ...`, by name, in the given order.
+
+    A name is a metric prefix (`<name>_error_rate`): letters, digits and underscores, not `train`, `eval` or
+    `validation`, each once.
+    """
+    sets: dict[str, Dataset] = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.isidentifier() or name in ("train", "eval", "validation") or name in sets or not path:
+            raise InputError(
+                f"--test_files takes 'name=path' items with distinct names (letters, digits, underscores; not "
+                f"train, eval or validation); got {spec!r}."
+            )
+        sets[name] = _load_local(path, "--test_files", cache_dir)
+    return sets
+
+
 def _load_local(path: str, flag: str, cache_dir: str | None) -> Dataset:
     """One split from a parquet file (or a glob of them) or an image folder, with a clear error when unreadable."""
     location = Path(path)
@@ -193,14 +210,11 @@ def decode_images(raw: DatasetDict, image_column: str) -> DatasetDict:
 
 
 def open_image(value: Any) -> PILImage.Image:
-    """A PIL image from a decoded image or a stored `{bytes, path}` value, read whole (`load`), so that a corrupt
-    or truncated file fails here rather than later."""
+    """A PIL image from a decoded image or a stored `{bytes, path}` value, decoded whole by `datasets` itself (EXIF
+    orientation, remote paths), so that a corrupt or truncated file fails here rather than later."""
     if isinstance(value, PILImage.Image):
         return value
-    data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
-    image = PILImage.open(io.BytesIO(data) if data is not None else path)
-    image.load()
-    return image
+    return datasets.Image().decode_example(value)
 
 
 def describe_image(value: Any, row: int | None, split: str) -> str:
@@ -209,6 +223,17 @@ def describe_image(value: Any, row: int | None, split: str) -> str:
     if path:
         return f"{path!r} in the {split!r} split"
     return f"in row {row} of the {split!r} split" if row is not None else f"in the {split!r} split (no file name)"
+
+
+def read_image(value: Any, split: str, row: int | None = None) -> PILImage.Image:
+    """`open_image`, with an unreadable image an `InputError` naming its file (or row) and the way past it."""
+    try:
+        return open_image(value)
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+        raise InputError(
+            f"Cannot read the image {describe_image(value, row, split)}: {type(error).__name__}: {error}. Fix or "
+            "remove it, or pass --skip_bad_images to check every image before training and drop unreadable ones."
+        ) from error
 
 
 def unreadable_images(dataset: Dataset, image_column: str) -> list[tuple[int, str]]:
@@ -325,8 +350,9 @@ def channel_stats(dataset_name: str | None, train: Dataset, image_column: str, s
     for key, stats in CHANNEL_STATS.items():
         if key in name:
             return stats
-    subset = train.select(range(min(samples, len(train))))
-    pixels = np.stack([np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0 for img in subset[image_column]])
+    subset = train.select(range(min(samples, len(train)))).cast_column(image_column, datasets.Image(decode=False))
+    images = [read_image(value, "train", row).convert("RGB") for row, value in enumerate(subset[image_column])]
+    pixels = np.stack([np.asarray(image, dtype=np.float64) / 255.0 for image in images])
     mean, std = pixels.mean(axis=(0, 1, 2)), pixels.std(axis=(0, 1, 2))
     return [round(float(m), 4) for m in mean], [round(max(float(s), 1e-3), 4) for s in std]
 
@@ -406,18 +432,8 @@ class ImageTransform:
         self.augmentation = augmentation
         self.split = split
 
-    def _open(self, value: Any) -> PILImage.Image:
-        try:
-            return open_image(value)
-        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
-            raise InputError(
-                f"Cannot read the image {describe_image(value, None, self.split)}: {type(error).__name__}: {error}. "
-                "Fix or remove it, or pass --skip_bad_images to check every image before training and drop "
-                "unreadable ones."
-            ) from error
-
     def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
-        images = [self._open(value).convert("RGB") for value in batch[self.image_column]]
+        images = [read_image(value, self.split).convert("RGB") for value in batch[self.image_column]]
         pixel_values = self._already_sized(images)
         if pixel_values is None:
             pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]

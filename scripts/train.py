@@ -120,6 +120,13 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use this many training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use this many evaluation examples."})
+    test_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out sets evaluated once, after training: 'name=path' (parquet file or image folder) each; "
+            "their metrics are logged and saved as '<name>_error_rate' etc. Nothing is selected on them."
+        },
+    )
     augmentation: str = field(
         default="auto",
         metadata={
@@ -243,8 +250,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
     unknown = sorted(set(config) - known)
     if unknown:
-        hints = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, known, n=1)) else key
-                 for key in unknown]  # fmt: skip
+        close = {key: difflib.get_close_matches(key, sorted(known), n=1) for key in unknown}
+        hints = [f"{key} (did you mean {close[key][0]}?)" if close[key] else key for key in unknown]
         raise InputError(f"Unknown key(s) in {path}: {', '.join(hints)}. Run with --help to list the arguments.")
     return config
 
@@ -350,15 +357,16 @@ def quiet_defaults(training_args: GRTrainingArguments, model: Any) -> None:
         training_args.ddp_find_unused_parameters = False
 
 
-def training_done(trainer: GRTrainer, checkpoint: str) -> int | None:
-    """The step at which a finished run stopped, when the run being resumed has nothing left to train (the
-    checkpoint, or a finished run in --output_dir, is at this run's last step); None when training remains."""
+def training_done(trainer: GRTrainer, checkpoint: str) -> tuple[int, int] | None:
+    """`(step reached, this run's last step)` when the run being resumed has nothing left to train (the checkpoint,
+    or a finished run's final state in --output_dir, is at or past this run's last step); None when training remains.
+    """
     args = trainer.args
     steps = [checkpoint_step(checkpoint) or 0]
     if args.resume_from_checkpoint is None:  # resumed from --output_dir: its final state, when the run finished
         steps.append(checkpoint_step(args.output_dir) or 0)
     max_steps = trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
-    return max(steps) if max(steps) >= max_steps else None
+    return (max(steps), max_steps) if max(steps) >= max_steps else None
 
 
 def cap_dataloader_workers(training_args: GRTrainingArguments) -> None:
@@ -487,8 +495,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             train_val_split=data_args.train_val_split,
             seed=training_args.seed,
         )
+    test_sets = data.load_test_sets(data_args.test_files, model_args.cache_dir)
+    raw.update(test_sets)
     image_column, label_column = data.resolve_columns(raw["train"], data_args.image_column, data_args.label_column)
-    data.resolve_columns(raw["validation"], image_column, label_column)
+    for split in ("validation", *test_sets):
+        data.resolve_columns(raw[split], image_column, label_column)
     raw = data.decode_images(raw, image_column)
     raw = data.check_images(raw, image_column, data_args.skip_bad_images)
     if data_args.max_train_samples is not None:
@@ -530,7 +541,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     metrics: dict[str, float] = {}
     if checkpoint is not None and (done := training_done(trainer, checkpoint)) is not None:
-        return finished_run(training_args, checkpoint, done)
+        return finished_run(training_args, *done)
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
@@ -545,6 +556,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
 
+    # The held-out test sets: once, at the end (nothing is chosen on them).
+    for name in test_sets:
+        test_metrics = trainer.evaluate(eval_dataset=raw[name], metric_key_prefix=name)
+        trainer.log_metrics(name, test_metrics)
+        trainer.save_metrics(name, test_metrics)
+        metrics.update(test_metrics)
+
     card_kwargs = {
         "tasks": "image-classification",
         "tags": ["image-classification", "vision"],
@@ -558,13 +576,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return metrics
 
 
-def finished_run(training_args: GRTrainingArguments, checkpoint: str, step: int) -> dict[str, float]:
+def finished_run(training_args: GRTrainingArguments, step: int, max_steps: int) -> dict[str, float]:
     """A rerun of a run that has nothing left to train: say so, keep its results and model; return its metrics."""
     out = training_args.output_dir
     logger.info(
-        "The run in %s is complete (step %d, %s): nothing to train, its model and results are kept. To train longer, "
-        "raise --num_train_epochs or --max_steps; to start over, remove %s or pass another --output_dir.",
-        out, step, Path(checkpoint).name, out,
+        "The run in %s is complete (step %d of %d): nothing to train, its model and results are kept. To train "
+        "longer, raise --num_train_epochs or --max_steps; to start over, remove %s or pass another --output_dir.",
+        out, step, max_steps, out,
     )  # fmt: skip
     if training_args.push_to_hub:
         repo = training_args.hub_model_id or "USER/REPO"

@@ -1,10 +1,10 @@
-"""Deliberate breakages of hf_gr, for `tests/test_mutations.py`: a pytest plugin loaded with `-p gr_mutations`.
+"""Deliberate breakages of hf_gr, each patching one module-level function that the library calls through its
+module (`schedule.plan_step(...)`, `gradient.mix_(...)`, ...).
 
-`HF_GR_MUTATION=<name>` patches, at session start, one module-level function that the library calls through its
-module (`schedule.plan_step(...)`, `gradient.mix_(...)`, ...), so the whole session runs a library broken in one
-known way. `HF_GR_MUTATION_REPORT=<path>` writes a JSON record: the mutation, how often the patched function ran,
-and each test's outcome with the type of the exception that failed it (a mutation must fail a test by an
-assertion, not by a crash).
+`tests/test_mutations.py` applies them with `apply(name, monkeypatch)`. The module is also a pytest plugin, to try
+a mutation on any test: `HF_GR_MUTATION=<name> PYTHONPATH=tests python -m pytest -p gr_mutations tests/...` runs
+the whole session on the broken library; `HF_GR_MUTATION_REPORT=<path>` then writes a JSON record of how often the
+patched function ran and each test's outcome with the type of the exception that failed it.
 """
 
 from __future__ import annotations
@@ -26,26 +26,29 @@ MUTATIONS = {
     "radius_ignored": f"the perturbation has the default radius {DEFAULT_R}, whatever gr_r or the r-warmup says",
     "warmup_ignored": "the warmup fraction is always 1: full GR from the first step, for every strategy",
     "reuse_rho_ignores_alpha": "the kept LookSAM ρ is that of the unweighted g2 − g1, not of g_GR − g1 = α·(g2 − g1)",
+    "reuse_not_applied": "a reuse step applies no correction: it is a plain step",
     "pass2_not_combined": "pass 2's gradient is dropped where the combination forms g1 + α·(g2 − g1) + A: g = g1 + A",
     "dropout_not_replayed": "pass 2 does not rewind the RNG: it draws other dropout masks than pass 1",
 }
 
 
-class _Counted:
+class Calls:
     """Counts the calls of a patched function (a mutation that is never reached proves nothing)."""
 
-    calls = 0
+    def __init__(self) -> None:
+        self.count = 0
 
-    @classmethod
-    def wrap(cls, function: Callable[..., Any]) -> Callable[..., Any]:
+    def wrap(self, function: Callable[..., Any]) -> Callable[..., Any]:
         def counted(*args: Any, **kwargs: Any) -> Any:
-            cls.calls += 1
+            self.count += 1
             return function(*args, **kwargs)
 
         return counted
 
 
-def _apply(name: str, patch: pytest.MonkeyPatch) -> None:
+def apply(name: str, patch: pytest.MonkeyPatch) -> Calls:
+    """Break the library as `MUTATIONS[name]` says, through `patch`; the returned counter counts the broken calls."""
+    calls = Calls()
     if name == "gr_off":
         plan_step = schedule.plan_step
 
@@ -53,23 +56,23 @@ def _apply(name: str, patch: pytest.MonkeyPatch) -> None:
             plan = plan_step(*args, **kwargs)
             return schedule.StepPlan(schedule.PLAIN, plan.gr_lambda, plan.gr_r) if plan.kind == schedule.GR else plan
 
-        patch.setattr(schedule, "plan_step", _Counted.wrap(plain_plan))
+        patch.setattr(schedule, "plan_step", calls.wrap(plain_plan))
     elif name == "alpha_ignored":
         mix_ = gradient.mix_
 
         def sam_mix(first: Any, second: Any, alpha: float, *rest: Any) -> Any:
             return mix_(first, second, 1.0, *rest)
 
-        patch.setattr(gradient, "mix_", _Counted.wrap(sam_mix))
+        patch.setattr(gradient, "mix_", calls.wrap(sam_mix))
     elif name == "radius_ignored":
         perturb_ = gradient.perturb_
 
         def default_radius(params: Any, grads: Any, r: float, *rest: Any) -> None:
             perturb_(params, grads, DEFAULT_R, *rest)
 
-        patch.setattr(gradient, "perturb_", _Counted.wrap(default_radius))
+        patch.setattr(gradient, "perturb_", calls.wrap(default_radius))
     elif name == "warmup_ignored":
-        patch.setattr(schedule, "warmup_fraction", _Counted.wrap(lambda step, warmup_steps: 1.0))
+        patch.setattr(schedule, "warmup_fraction", calls.wrap(lambda step, warmup_steps: 1.0))
     elif name == "reuse_rho_ignores_alpha":
         plan_step, correction_ = schedule.plan_step, gradient.orthogonal_correction_
         last_alpha = [1.0]
@@ -85,7 +88,9 @@ def _apply(name: str, patch: pytest.MonkeyPatch) -> None:
             return correction_(*args, **kwargs) / last_alpha[0]
 
         patch.setattr(schedule, "plan_step", recording_plan)
-        patch.setattr(gradient, "orthogonal_correction_", _Counted.wrap(unweighted))
+        patch.setattr(gradient, "orthogonal_correction_", calls.wrap(unweighted))
+    elif name == "reuse_not_applied":
+        patch.setattr(gradient, "add_correction_", calls.wrap(lambda *args, **kwargs: None))
     elif name == "pass2_not_combined":
 
         def first_only(first: Any, second: Any, alpha: float, accumulated: Any = None) -> Any:
@@ -93,21 +98,24 @@ def _apply(name: str, patch: pytest.MonkeyPatch) -> None:
                 first.add_(accumulated)
             return first
 
-        patch.setattr(gradient, "mix_", _Counted.wrap(first_only))
+        patch.setattr(gradient, "mix_", calls.wrap(first_only))
     elif name == "dropout_not_replayed":
-        patch.setattr(replay, "set_rng_state", _Counted.wrap(lambda state: None))
+        patch.setattr(replay, "set_rng_state", calls.wrap(lambda state: None))
     else:
-        raise pytest.UsageError(f"HF_GR_MUTATION must be one of {', '.join(MUTATIONS)}, got {name!r}.")
+        raise ValueError(f"the mutation must be one of {', '.join(MUTATIONS)}, got {name!r}.")
+    return calls
 
 
 _patch = pytest.MonkeyPatch()
+_calls = Calls()
 _outcomes: dict[str, dict[str, str | None]] = {}
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    global _calls
     name = os.environ.get("HF_GR_MUTATION", "")
     if name:
-        _apply(name, _patch)
+        _calls = apply(name, _patch)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -124,6 +132,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     _patch.undo()
     path = os.environ.get("HF_GR_MUTATION_REPORT")
     if path:
-        record = {"mutation": os.environ.get("HF_GR_MUTATION", ""), "calls": _Counted.calls, "tests": _outcomes}
+        record = {"mutation": os.environ.get("HF_GR_MUTATION", ""), "calls": _calls.count, "tests": _outcomes}
         with open(path, "w") as f:
             json.dump(record, f, indent=1)

@@ -66,10 +66,11 @@ class RecordAppliedGradients(TrainerCallback):
 
 def _stats_from_rates(rates: np.ndarray, root: np.ndarray, eps: float) -> dict[str, float]:
     active = root > 10 * eps
-    log_psi = -np.log(root[active] + eps)
+    psi = 1 / (root[active] + eps)
     return {
         "adaptive_lr_mean": rates.mean(), "adaptive_lr_var": rates.var(), "adaptive_lr_max": rates.max(),
-        "adaptive_lr_log_var": log_psi.var(), "adaptive_lr_inactive_fraction": 1 - active.mean(),
+        "adaptive_lr_log_var": np.log(psi).var(), "adaptive_lr_inactive_fraction": 1 - active.mean(),
+        "adaptive_psi_mean": psi.mean(), "adaptive_psi_var": psi.var(),
     }  # fmt: skip
 
 
@@ -126,6 +127,30 @@ def test_centered_rmsprop_and_amsgrad_statistics():
     want = _stats_from_rates(0.01 / (root + 1e-8), root, 1e-8)
     for key, value in want.items():
         assert adaptive_lr_stats(adam)[key] == pytest.approx(float(value), rel=1e-6), key
+
+
+def test_psi_statistics_follow_the_gradient_scale_and_the_log_variance_does_not():
+    """Adam's recurrence by hand on two gradient histories, one c times the other: ψ = 1/(√v̂ + eps) over the
+    active elements scales by 1/c (its mean) and 1/c² (its variance); the log-variance stays."""
+    grads = [torch.tensor([0.5, 1.0, -2.0, 1e-12, 3.0]), torch.tensor([0.25, -1.0, 1.0, 0.0, -0.5])]
+    stats = {}
+    for c in (1.0, 0.1):
+        q = torch.nn.Parameter(torch.ones(5, dtype=torch.float64))
+        adam = torch.optim.Adam([q], lr=0.01, eps=1e-8)
+        v = np.zeros(5)
+        for g in grads:
+            q.grad = c * g.double()
+            adam.step()
+            v = 0.999 * v + 0.001 * (c * g.double().numpy()) ** 2
+        root = np.sqrt(v / (1 - 0.999**2))
+        psi = 1 / (root[root > 1e-7] + 1e-8)  # the 4th element is inactive (√v̂ ≤ 10·eps)
+        stats[c] = adaptive_lr_stats(adam)
+        assert len(psi) == 4 and stats[c]["adaptive_lr_inactive_fraction"] == pytest.approx(0.2)
+        assert stats[c]["adaptive_psi_mean"] == pytest.approx(psi.mean(), rel=1e-9)
+        assert stats[c]["adaptive_psi_var"] == pytest.approx(psi.var(), rel=1e-9)
+    assert stats[0.1]["adaptive_psi_mean"] == pytest.approx(10 * stats[1.0]["adaptive_psi_mean"], rel=1e-6)
+    assert stats[0.1]["adaptive_psi_var"] == pytest.approx(100 * stats[1.0]["adaptive_psi_var"], rel=1e-5)
+    assert stats[0.1]["adaptive_lr_log_var"] == pytest.approx(stats[1.0]["adaptive_lr_log_var"], rel=1e-5)
 
 
 def test_rmsprop_statistics():

@@ -23,6 +23,7 @@ from gr_testing import (
 )
 
 
+@pytest.mark.filterwarnings("ignore:gr_lambda/gr_r = α")  # α = 2.5 on purpose
 @pytest.mark.parametrize("gr_lambda", [0.05, 0.1, 0.25])  # α = 0.5, 1 (SAM), 2.5
 def test_two_pass_gradient_matches_reference(tmp_path, gr_lambda):
     model = TinyNet(dropout=0.3)

@@ -119,6 +119,7 @@ class _HalfQuadratic(torch.nn.Module):
         return {"loss": (x * theta).sum(-1).mean() + 0.5 * (self.curvature * theta**2).sum()}
 
 
+@pytest.mark.filterwarnings("ignore:gr_lambda/gr_r = α")  # α = 2.5 on purpose
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("alpha", [1e-8, 1e-5, 1e-2, 0.5, 1.0, 2.5])
 @pytest.mark.parametrize("accumulation", [1, 2])

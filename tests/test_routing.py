@@ -61,11 +61,15 @@ def reference_gr_grads(model, batches: list[list[dict]], alpha: float, synced: b
 
 
 def _err(got: dict, want: dict, names=None) -> float:
-    """The relative error over `names` (default: those with a gradient); the absolute one where `want` is 0."""
-    names = [n for n in want if got.get(n) is not None] if names is None else names
+    """The relative error over `names` (default: all), a missing gradient as 0; the absolute one where `want` is 0
+    (inf where a gradient is missing that `want` has)."""
+    names = list(want) if names is None else names
+    if any(got[n] is None and want[n].any() for n in names):
+        return float("inf")
+    values = [torch.zeros_like(want[n]) if got[n] is None else got[n] for n in names]
     if all(not want[n].any() for n in names):  # e.g. expert 0 at α = 1: (1 − α)·g1 = 0
-        return float(torch.sqrt(sum((got[n].double() ** 2).sum() for n in names)))
-    return max_rel_err([got[n] for n in names], [want[n] for n in names])
+        return float(torch.sqrt(sum((v.double() ** 2).sum() for v in values)))
+    return max_rel_err(values, [want[n] for n in names])
 
 
 # ---- single process ----
@@ -76,7 +80,8 @@ def _err(got: dict, want: dict, names=None) -> float:
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_single_process_gr_counts_a_missing_gradient_as_zero(accumulation, alpha, diagnostics):
     model, data = RoutedNet(), DictDataset(48)
-    regularizer = GradientRegularizer(model, args=GRArguments(gr_lambda=alpha * R, gr_r=R, gr_warmup_strategy="none"))
+    arguments = GRArguments(gr_lambda=alpha * R, gr_r=R, gr_warmup_strategy="none")
+    regularizer = GradientRegularizer(model, args=arguments, gradient_accumulation_steps=accumulation)
     if diagnostics:  # the measuring path keeps g1 even at α = 1
         regularizer.metrics = lambda key, value: None
     batches = [data.batch(BATCH * i, BATCH) for i in range(accumulation)]
@@ -111,15 +116,38 @@ def _replica_batches(accumulation: int) -> list[list[dict]]:
     return [[data.batch((m * WORLD + r) * BATCH, BATCH) for r in range(WORLD)] for m in range(accumulation)]
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_ddp_gr_counts_a_missing_gradient_as_zero(routed, accumulation):
-    run = routed[f"ddp_ga{accumulation}"]
+@pytest.mark.parametrize("run_name, accumulation, alpha", [("ddp_ga1", 1, LAMBDA / R), ("ddp_ga2", 2, LAMBDA / R),
+                                                           ("ddp_sam", 1, 1.0)])  # fmt: skip
+def test_ddp_gr_counts_a_missing_gradient_as_zero(routed, run_name, accumulation, alpha):
+    run = routed[run_name]
     assert run["find_unused_parameters"]
     (got,) = run["grads"]
-    want = reference_gr_grads(RoutedNet(), _replica_batches(accumulation), LAMBDA / R)
+    want = reference_gr_grads(RoutedNet(), _replica_batches(accumulation), alpha)
     assert got[NEITHER] is None
     assert _err(got, want) < 1e-6
     assert _err(got, want, [ONLY_PASS_1]) < 1e-6 and _err(got, want, [ONLY_PASS_2]) < 1e-6
+
+
+@pytest.mark.parametrize("run_name, accumulation, synced", [("ddp_data_ga1", 1, False), ("ddp_data_ga2", 2, False),
+                                                            ("ddp_data_sync", 1, True)])  # fmt: skip
+def test_ddp_gr_with_a_layer_only_some_replicas_use(routed, run_name, accumulation, synced):
+    """`deep` is in one replica's graphs only (a data-dependent early exit), besides the flipping experts."""
+    batches = _replica_batches(accumulation)
+    assert all([float(b["x"].sum()) > 0 for b in replicas].count(True) == 1 for replicas in batches)
+    (got,) = routed[run_name]["grads"]
+    want = reference_gr_grads(RoutedNet(exit_by_data=True), batches, LAMBDA / R, synced=synced)
+    assert got[NEITHER] is None
+    assert _err(got, want) < 1e-6
+    for name in ("deep.weight", ONLY_PASS_1, ONLY_PASS_2):
+        assert _err(got, want, [name]) < 1e-6, name
+
+
+def test_ddp_without_find_unused_parameters_is_a_clear_error(routed):
+    """DDP would otherwise leave a bucket unreduced and fail only at the next step ("Expected to have finished
+    reduction in the prior iteration"), after a step whose gradients were not all averaged."""
+    message = routed["ddp_used_only_error"]
+    assert "GR's perturbation changed which parameters the model uses" in message
+    assert "ddp_find_unused_parameters=True" in message
 
 
 def test_ddp_synced_perturbation_leaves_unused_parameters_without_gradient(routed):

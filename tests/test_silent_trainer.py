@@ -183,9 +183,11 @@ def _segments(folder):
         return json.load(f)["stateful_callbacks"]["GRSettingsRecord"]["args"]["segments"]
 
 
-def test_resume_with_changed_settings_warns_and_records_each_range(tmp_path, caplog):
+@pytest.mark.parametrize("restore_callbacks", [False, True])  # True: transformers rebuilds the record from the state
+def test_resume_with_changed_settings_warns_and_records_each_range(tmp_path, caplog, restore_callbacks):
     _run(tmp_path, 4, gr_lambda=0.1).train()  # steps 1–4 at λ = 0.1, saved in checkpoint-4
-    resumed = _run(tmp_path, 6, gr_lambda=0.05, gr_warmup_strategy="zero", gr_warmup_steps=1)
+    resumed = _run(tmp_path, 6, gr_lambda=0.05, gr_warmup_strategy="zero", gr_warmup_steps=1,
+                   restore_callback_states_from_checkpoint=restore_callbacks)  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="hf_gr.trainer"):
         resumed.train(resume_from_checkpoint=True)  # steps 5–6 at λ = 0.05
     warning = next(r.getMessage() for r in caplog.records if "changed GR settings" in r.getMessage())
@@ -204,8 +206,9 @@ def test_resume_with_changed_settings_warns_and_records_each_range(tmp_path, cap
     card = ModelCard.load(tmp_path / "out" / "README.md")
     ranges = [(s["first_step"], s["last_step"], s["gr_lambda"]) for s in card.data.hf_gr["gr_segments"]]
     assert ranges == [(1, 4, 0.1), (5, 6, 0.05)]
-    assert "steps 1–4: λ = 0.1, r = 0.1 (α = 1)" in card.text and "GR warmup: none over W = 0" in card.text
-    assert "steps 5–6: λ = 0.05, r = 0.1 (α = 0.5)" in card.text and "GR warmup: zero over W = 1" in card.text
+    assert "  - steps 1–4: λ = 0.1, r = 0.1 (α = 1)" in card.text and "GR warmup: none over W = 0" in card.text
+    assert "  - steps 5–6: λ = 0.05, r = 0.1 (α = 0.5)" in card.text and "GR warmup: zero over W = 1" in card.text
+    assert "\n- λ = " not in card.text  # no line claims one λ for the whole run
 
 
 def test_resume_with_the_same_settings_keeps_one_range(tmp_path, caplog):
@@ -217,4 +220,21 @@ def test_resume_with_the_same_settings_keeps_one_range(tmp_path, caplog):
     (only,) = _segments(tmp_path / "out" / "checkpoint-6")
     assert (only["first_step"], only["last_step"], only["gr_lambda"]) == (1, 6, 0.1)
     resumed.create_model_card()
-    assert "steps 1–" not in (tmp_path / "out" / "README.md").read_text()  # one range: the plain section
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "steps 1–" not in text and "\n- λ = 0.1, r = 0.1 (α = λ/r = 1)" in text  # one range: the plain section
+
+
+def test_resume_from_a_checkpoint_without_a_record_says_what_is_recorded(tmp_path, caplog):
+    _run(tmp_path, 4).train()
+    state_file = tmp_path / "out" / "checkpoint-4" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"]["GRSettingsRecord"]  # as a checkpoint written before the record existed
+    state_file.write_text(json.dumps(state))
+    resumed = _run(tmp_path, 6)
+    with caplog.at_level(logging.WARNING, logger="hf_gr.trainer"):
+        resumed.train(resume_from_checkpoint=True)
+    assert "checkpoint at step 4 holds no record of the GR settings" in caplog.text
+    (only,) = _segments(tmp_path / "out" / "checkpoint-6")
+    assert (only["first_step"], only["last_step"]) == (5, 6)
+    resumed.create_model_card()
+    assert "  - steps 5–6: λ = 0.1" in (tmp_path / "out" / "README.md").read_text()

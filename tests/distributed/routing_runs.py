@@ -28,12 +28,17 @@ PULL = 20.0  # d(loss)/d(gate) ≈ −PULL dominates ‖g1‖, so the perturbati
 
 
 class RoutedNet(nn.Module):
-    """x → tanh(inp) → expert 0 if gate > 0 else expert 1 → logits; loss = cross-entropy − PULL·gate."""
+    """x → tanh(inp) → tanh(deep) → expert 0 if gate > 0 else expert 1 → logits; loss = cross-entropy − PULL·gate.
 
-    def __init__(self) -> None:
+    With `exit_by_data`, `deep` runs only for a batch whose inputs sum to more than 0 (an early exit that depends
+    on the data, so replicas differ: of the first 4 batches of 4 rows, batches 1 and 2 take it)."""
+
+    def __init__(self, exit_by_data: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
+        self.exit_by_data = exit_by_data
         self.inp = nn.Linear(6, 8)
+        self.deep = nn.Linear(8, 8)
         self.experts = nn.ModuleList([nn.Linear(8, 3), nn.Linear(8, 3)])
         self.unused = nn.Linear(8, 3)
         self.gate = nn.Parameter(torch.tensor([0.05]))
@@ -41,6 +46,8 @@ class RoutedNet(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         h = torch.tanh(self.inp(x))
+        if not self.exit_by_data or x.sum() > 0:
+            h = torch.tanh(self.deep(h))
         expert = self.experts[0] if self.gate.sum() > 0 else self.experts[1]
         logits = expert(h)
         out = {"logits": logits}
@@ -61,14 +68,14 @@ class CaptureGrads(TrainerCallback):
         )
 
 
-def run_ddp(tmp: str, name: str, **overrides) -> dict:
+def run_ddp(tmp: str, name: str, exit_by_data: bool = False, **overrides) -> dict:
     """GRTrainer over DDP; SGD with lr 0 unless `optim` is given (the gradients are what is compared)."""
+    values = dict(optim="sgd", learning_rate=0.0, weight_decay=0.0, max_steps=1, gr_lambda=LAMBDA)
     args = make_args(
         _Path(tmp), output_dir=os.path.join(tmp, name), per_device_train_batch_size=BATCH, logging_strategy="no",
-        lr_scheduler_type="constant", max_grad_norm=0.0, gr_lambda=LAMBDA, gr_r=R,
-        **{"optim": "sgd", "learning_rate": 0.0, "weight_decay": 0.0, "max_steps": 1, **overrides},
+        lr_scheduler_type="constant", max_grad_norm=0.0, gr_r=R, **{**values, **overrides},
     )  # fmt: skip
-    model = RoutedNet()
+    model = RoutedNet(exit_by_data)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     capture = CaptureGrads(model)
     trainer = SequentialGRTrainer(model=model, args=args, train_dataset=DictDataset(48), callbacks=[capture])
@@ -94,7 +101,8 @@ def run_fsdp2(accumulation: int, alpha: float) -> dict:
     for expert in model.experts:
         fully_shard(expert)
     fully_shard(model)
-    regularizer = GradientRegularizer(model, args=GRArguments(gr_lambda=alpha * R, gr_r=R, gr_warmup_strategy="none"))
+    arguments = GRArguments(gr_lambda=alpha * R, gr_r=R, gr_warmup_strategy="none")
+    regularizer = GradientRegularizer(model, args=arguments, gradient_accumulation_steps=accumulation)
     data = DictDataset(48)
     for micro in range(accumulation):  # the gradients of one optimizer step, summed in `.grad`
         batch = data.batch((micro * WORLD + rank) * BATCH, BATCH)
@@ -117,11 +125,21 @@ def main() -> None:
     results["fsdp2_ga1_sam"] = run_fsdp2(1, 1.0)
     results["ddp_ga1"] = run_ddp(tmp, "ddp_ga1")
     results["ddp_ga2"] = run_ddp(tmp, "ddp_ga2", gradient_accumulation_steps=2)
+    results["ddp_sam"] = run_ddp(tmp, "ddp_sam", gr_lambda=R)  # α = 1: g1 is not kept
     # AdamW with weight decay: the `unused` layer must keep `.grad = None`, so that it does not move
     results["ddp_sync"] = run_ddp(
         tmp, "ddp_sync", gr_sync_perturbation=True, optim="adamw_torch", learning_rate=1e-3, weight_decay=0.1,
         max_steps=3,
     )  # fmt: skip
+    # `deep` in one replica's graphs only: DDP averages it, and the synced g1 reaches the replica without it
+    results["ddp_data_ga1"] = run_ddp(tmp, "ddp_data_ga1", exit_by_data=True)
+    results["ddp_data_ga2"] = run_ddp(tmp, "ddp_data_ga2", exit_by_data=True, gradient_accumulation_steps=2)
+    results["ddp_data_sync"] = run_ddp(tmp, "ddp_data_sync", exit_by_data=True, gr_sync_perturbation=True)
+    try:  # without find_unused_parameters DDP cannot reduce expert 0 (no g2): a clear error, not a later hang
+        run_ddp(tmp, "ddp_used_only", ddp_find_unused_parameters=False)
+        results["ddp_used_only_error"] = ""
+    except RuntimeError as error:
+        results["ddp_used_only_error"] = str(error)
     if dist.get_rank() == 0:
         torch.save(results, out)
     dist.barrier()

@@ -1,0 +1,360 @@
+"""The report and figure of `scripts/compare.py`, from its JSON records and compact per-step histories.
+
+Differences are always a − b paired by seed (the seeds both arms ran), with a 95 % t-interval and the paired
+t-test's p (`compare_stats`); a claim is worded "lower"/"higher" only when p < 0.05.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import compare_stats as cs
+
+
+def scale(key: str) -> float:
+    """Error rates and accuracies are reported in percent."""
+    return 100.0 if key.endswith(("error_rate", "accuracy")) else 1.0
+
+
+def unit(key: str) -> str:
+    return " (%)" if scale(key) == 100 else ""
+
+
+def label(config: dict[str, Any], arm: str) -> str:
+    return config.get("labels", {}).get(arm, arm)
+
+
+def by_seed(runs: list[dict[str, Any]], arm: str, value: Any) -> dict[int, float]:
+    """seed → value(run) for the arm's runs where it is defined."""
+    out = {}
+    for run in runs:
+        if run["arm"] == arm:
+            v = value(run)
+            if v is not None and math.isfinite(v):
+                out[run["seed"]] = v
+    return out
+
+
+def paired_metric(runs: list[dict[str, Any]], a: str, b: str, key: str) -> dict[str, Any]:
+    """Paired statistics of a − b for the final metric `key` (in report units)."""
+    left = by_seed(runs, a, lambda r: r["metrics"].get(key))
+    right = by_seed(runs, b, lambda r: r["metrics"].get(key))
+    return cs.paired([scale(key) * (left[s] - right[s]) for s in sorted(left.keys() & right.keys())])
+
+
+def window_mean(history: dict[str, Any], key: str, first: int, last: int) -> float | None:
+    """The mean of `key` over the logged steps first..last (inclusive)."""
+    if key not in history:
+        return None
+    values = [v for s, v in zip(*history[key]) if first <= s <= last and math.isfinite(v)]
+    return statistics.fmean(values) if values else None
+
+
+def paired_window(histories: dict[str, Any], runs, a: str, b: str, key: str, window: list[int]) -> tuple:
+    """Paired statistics of a − b of `key`'s window means, and b's mean window value (the reference)."""
+    seeds = sorted({r["seed"] for r in runs if r["arm"] == a} & {r["seed"] for r in runs if r["arm"] == b})
+    diffs, base = [], []
+    for seed in seeds:
+        ha, hb = histories.get(f"{a}-seed{seed}", {}), histories.get(f"{b}-seed{seed}", {})
+        ma, mb = window_mean(ha, key, *window), window_mean(hb, key, *window)
+        if ma is not None and mb is not None:
+            diffs.append(ma - mb)
+            base.append(mb)
+    return cs.paired(diffs), (statistics.fmean(base) if base else math.nan)
+
+
+def _ms(values: list[float], spec: str) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:{spec}}"
+    return f"{statistics.fmean(values):{spec}} ± {statistics.stdev(values):{spec}}"
+
+
+def _ci(stat: dict[str, Any], spec: str) -> str:
+    if stat["n"] < 2:
+        return "–"
+    return f"[{stat['low']:{spec}}, {stat['high']:{spec}}]"
+
+
+def arm_table(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    metrics = config["metrics"]
+    head = ["arm", "n"] + [f"{m}{unit(m)}" for m in metrics]
+    head += [f"best validation {config['curve']}{unit(config['curve'])} (step)", "train loss (last 10 %)",
+             "steps", "GR step share", "forward-backward passes", "wall time (s)"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    curve_scale = scale(config["curve"])
+    for arm in config["arms"]:
+        rows = [r for r in runs if r["arm"] == arm]
+        if not rows:
+            lines.append(f"| {label(config, arm)} | 0 |" + " – |" * (len(head) - 2))
+            continue
+        cells = [label(config, arm), str(len(rows))]
+        cells += [_ms([scale(m) * r["metrics"][m] for r in rows if m in r["metrics"]], ".2f") for m in metrics]
+        best = [r["best_validation"] for r in rows if r["best_validation"]["value"] is not None]
+        steps = [b["step"] for b in best]
+        cells.append(
+            _ms([curve_scale * b["value"] for b in best], ".2f") + (f" ({min(steps)}–{max(steps)})" if steps else "")
+        )
+        cells.append(_ms([r["train_loss_last10"] for r in rows if r["train_loss_last10"] is not None], ".3f"))
+        cells.append(_ms([r["steps"] for r in rows], ".0f"))
+        cells.append(_ms([r["gr_step_fraction"] for r in rows], ".2f"))
+        cells.append(_ms([r["forward_backward_passes"] for r in rows], ".0f"))
+        cells.append(_ms([r["wall_s"] for r in rows], ".0f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pair_table(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    lines = ["| a − b | metric | n | mean | SE | 95 % CI | p | reads |", "|---|---|---|---|---|---|---|---|"]
+    for a, b in config["pairs"]:
+        for metric in config["metrics"]:
+            s = paired_metric(runs, a, b, metric)
+            if s["n"] == 0:
+                continue
+            p = f"{s['p']:.3g}" if s["n"] > 1 else "–"
+            se = f"{s['se']:.2f}" if s["n"] > 1 else "–"
+            lines.append(
+                f"| {label(config, a)} − {label(config, b)} | {metric}{unit(metric)} | {s['n']} | {s['mean']:+.2f} "
+                f"| {se} | {_ci(s, '+.2f')} | {p} | {cs.claim(s)} |"
+            )
+    return "\n".join(lines)
+
+
+def window_table(config: dict[str, Any], runs: list[dict[str, Any]], histories: dict[str, Any]) -> str:
+    per_step = config.get("per_step") or {}
+    lines = [
+        "| a − b | statistic | window (steps) | b's mean | a − b | 95 % CI | relative | p | reads |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for a, b in per_step.get("pairs", []):
+        for key in per_step.get("keys", []):
+            for name, window in (per_step.get("windows") or {}).items():
+                s, base = paired_window(histories, runs, a, b, key, window)
+                if s["n"] == 0:
+                    continue
+                relative = f"{100 * s['mean'] / base:+.1f} %" if base else "–"
+                p = f"{s['p']:.3g}" if s["n"] > 1 else "–"
+                lines.append(
+                    f"| {label(config, a)} − {label(config, b)} | {key} | {name} ({window[0]}–{window[1]}) "
+                    f"| {base:.4g} | {s['mean']:+.4g} | {_ci(s, '+.3g')} | {relative} | {p} | {cs.claim(s, '+.3g')} |"
+                )
+    return "\n".join(lines)
+
+
+def runs_table(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    metrics = config["metrics"]
+    head = ["arm", "seed", *metrics, "train loss (last 10 %)", "GR step share", "wall time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    order = list(config["arms"])
+    for r in sorted(runs, key=lambda r: (order.index(r["arm"]) if r["arm"] in order else 99, r["seed"])):
+        cells = [label(config, r["arm"]), str(r["seed"])]
+        cells += [f"{scale(m) * r['metrics'][m]:.2f}" if m in r["metrics"] else "–" for m in metrics]
+        loss = r["train_loss_last10"]
+        cells += [f"{loss:.3f}" if loss is not None else "–", f"{r['gr_step_fraction']:.2f}", f"{r['wall_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def environment_text(runs: list[dict[str, Any]]) -> str:
+    envs = {tuple(sorted((k, str(v)) for k, v in r["environment"].items() if k != "commit")) for r in runs}
+    if not envs:
+        return "No runs yet."
+    lines = []
+    for env in sorted(envs):
+        lines.append("- " + ", ".join(f"{k} {v}" for k, v in env))
+    commits = sorted({r["environment"].get("commit", "") for r in runs})
+    note = "one environment for every run" if len(envs) == 1 else f"{len(envs)} different environments (see the JSON)"
+    return "\n".join(lines) + f"\n\n({note}; code at commit(s) {', '.join(c[:10] for c in commits)}.)"
+
+
+def determinism_text(data: dict[str, Any]) -> str:
+    check = data.get("determinism")
+    if not check:
+        return "Not checked."
+    verdict = "bitwise identical" if check["identical"] else "DIFFERENT"
+    return (
+        f"{check['arm']} with seed {check['seed']}, {check['max_steps']} optimizer steps, run twice in this "
+        f"environment: final weights {verdict} (model.safetensors sha256 {check['sha256'][0][:16]}… and "
+        f"{check['sha256'][1][:16]}…)."
+    )
+
+
+def markdown(config: dict[str, Any], data: dict[str, Any], histories: dict[str, Any]) -> str:
+    runs = data["runs"]
+    total = len(config["arms"]) * len(config["seeds"])
+    command = config.get("config_file", "<config.yaml>")
+    arms = "\n".join(
+        f"| {label(config, arm)} | `{arm}` | "
+        + (", ".join(f"`{k}: {v}`" for k, v in overrides.items()) or "(the base)")
+        + " |"
+        for arm, overrides in config["arms"].items()
+    )
+    base = "\n".join(f"{k}: {v}" for k, v in config["base"].items())
+    windows = window_table(config, runs, histories) if config.get("per_step", {}).get("pairs") else "None asked."
+    return f"""# {config.get("title", config["name"])}
+
+{config.get("description", "").strip()}
+
+Runs recorded: {len(runs)} of {total} ({len(config["arms"])} arms × {len(config["seeds"])} seeds).
+
+## Command
+
+```bash
+python scripts/compare.py {command}                 # runs what is missing (a finished run is not re-run)
+python scripts/compare.py {command} --report_only   # this report and the figure, from the committed files
+```
+
+## Arms
+
+| arm | name | overrides of the base |
+|---|---|---|
+{arms}
+
+Base `train.py` arguments (`{{data}}` is the prepared-data folder under `{config["output_dir"]}`):
+
+```yaml
+{base}
+```
+
+Seeds: {", ".join(map(str, config["seeds"]))}. The seed sets the initial weights and the data order; runs of
+different arms with the same seed are paired.
+
+## Paired differences (a − b, same seed)
+
+Mean, standard error and 95 % t-interval of the per-seed differences, and the paired t-test's p. A difference
+is called "lower" or "higher" only when p < 0.05; otherwise there is no evidence of a difference, and the
+interval says how large one could still be.
+
+{pair_table(config, runs) if runs else "No runs yet."}
+
+## Per arm (mean ± standard deviation over seeds)
+
+{arm_table(config, runs) if runs else "No runs yet."}
+
+"Best validation" is the lowest validation value during training and its step: the only selection this
+comparison offers is on the validation set; every test metric is the final model's. A GR step costs two
+forward-backward passes, a plain step one. Wall time is per run, {config.get("pool") or "one per CPU"} runs at a
+time on a shared machine, and includes start-up and the evaluations.
+
+## Per-step statistics (a − b over windows of steps, paired by seed)
+
+Each run's mean over the window, then the paired difference of the two arms' means.
+
+{windows}
+
+![per-arm validation curves, paired differences and per-step differences]({config["name"]}.png)
+
+## Reproducibility
+
+{determinism_text(data)}
+
+Environment of the runs:
+
+{environment_text(runs)}
+
+## Every run
+
+{runs_table(config, runs) if runs else "No runs yet."}
+"""
+
+
+def _band(ax, x, stats, color, name):
+    mean = [s["mean"] for s in stats]
+    low = [s["low"] if s["n"] > 1 else s["mean"] for s in stats]
+    high = [s["high"] if s["n"] > 1 else s["mean"] for s in stats]
+    ax.plot(x, mean, color=color, linewidth=1.0, label=name)
+    ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
+
+
+def figure(config: dict[str, Any], data: dict[str, Any], histories: dict[str, Any], out: Path) -> None:
+    """Per arm the mean validation curve with its 95 % band; per pair the paired difference of the primary metric
+    with its 95 % interval; per per-step key the per-step paired difference with its 95 % band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = data["runs"]
+    per_step = config.get("per_step") or {}
+    step_panels = [(a, b, k) for a, b in per_step.get("pairs", []) for k in per_step.get("keys", [])]
+    count = 2 + len(step_panels)
+    cols = 3 if count > 4 else 2
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.6 * rows), squeeze=False)
+    axes = list(axes.ravel())
+
+    # 1: the validation curve per arm, mean and 95 % band over seeds (all seeds evaluate at the same steps).
+    ax, curve = axes[0], config["curve"]
+    for i, arm in enumerate(config["arms"]):
+        series = [histories[f"{arm}-seed{r['seed']}"][curve] for r in runs
+                  if r["arm"] == arm and curve in histories.get(f"{arm}-seed{r['seed']}", {})]  # fmt: skip
+        if not series:
+            continue
+        steps = sorted(set.intersection(*(set(s[0]) for s in series)))
+        values = [[dict(zip(*s))[step] * scale(curve) for s in series] for step in steps]
+        stats = [cs.paired(v) for v in values]
+        _band(ax, steps, stats, f"C{i}", f"{label(config, arm)} (n={len(series)})")
+    ax.set(xlabel="optimizer step", ylabel=f"validation {curve}{unit(curve)}", title="validation curve, 95 % band")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+    # 2: the paired differences of the primary metric, with their 95 % intervals.
+    ax, metric = axes[1], config["metrics"][0]
+    names, stats = [], []
+    for a, b in config["pairs"]:
+        s = paired_metric(runs, a, b, metric)
+        if s["n"] > 1:
+            names.append(f"{label(config, a)} − {label(config, b)}")
+            stats.append(s)
+    ys = list(range(len(stats)))[::-1]
+    for y, s in zip(ys, stats):
+        color = "C3" if s["p"] < cs.ALPHA else "0.3"
+        ax.errorbar(s["mean"], y, xerr=[[s["mean"] - s["low"]], [s["high"] - s["mean"]]], fmt="o", color=color,
+                    capsize=3)  # fmt: skip
+    ax.axvline(0, color="k", linewidth=0.8)
+    ax.set_yticks(ys, names, fontsize=7)
+    extent = max([abs(s["low"]) for s in stats] + [abs(s["high"]) for s in stats] + [0.5])
+    ax.set_xlim(-1.1 * extent, 1.1 * extent)
+    ax.set(xlabel=f"a − b, final {metric}{unit(metric)}", title="paired difference, 95 % CI (red: p < 0.05)")
+    ax.errorbar([], [], xerr=[], fmt="o", color="C3", label="p < 0.05")
+    ax.errorbar([], [], xerr=[], fmt="o", color="0.3", label="no evidence (p ≥ 0.05)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="x")
+
+    # 3...: per-step paired differences, mean and 95 % band over seeds; the windows shaded.
+    for ax, (a, b, key) in zip(axes[2:], step_panels):
+        seeds = sorted({r["seed"] for r in runs if r["arm"] == a} & {r["seed"] for r in runs if r["arm"] == b})
+        pairs = []
+        for seed in seeds:
+            ha, hb = histories.get(f"{a}-seed{seed}", {}), histories.get(f"{b}-seed{seed}", {})
+            if key in ha and key in hb:
+                pairs.append((dict(zip(*ha[key])), dict(zip(*hb[key]))))
+        if pairs:
+            steps = sorted(set.intersection(*(set(x) & set(y) for x, y in pairs)))
+            stats = [cs.paired([x[s] - y[s] for x, y in pairs]) for s in steps]
+            _band(ax, steps, stats, "C0", f"mean over {len(pairs)} seeds, 95 % band")
+        for i, (name, (first, last)) in enumerate((per_step.get("windows") or {}).items()):
+            ax.axvspan(first, last, color=f"C{i + 1}", alpha=0.08, label=f"window {name}")
+        ax.axhline(0, color="k", linewidth=0.8)
+        low, high = ax.get_ylim()
+        ax.set_ylim(min(low, 0), max(high, 0))
+        ax.set(xlabel="optimizer step", ylabel=f"Δ {key}", title=f"{label(config, a)} − {label(config, b)}: {key}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def write(config: dict[str, Any], data: dict[str, Any], histories: dict[str, Any], md: Path, png: Path) -> None:
+    """Write the markdown report and the figure."""
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(markdown(config, data, histories))
+    figure(config, data, histories, png)

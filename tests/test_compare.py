@@ -1,0 +1,240 @@
+"""scripts/compare.py: a tiny A/B comparison end to end (2 arms × 2 seeds × a few steps of train.py on the bundled
+digits), its records, the report's statistics against scipy, resuming, and `--report_only` from the committed
+files; the paired statistics and their wording against scipy."""
+
+import gzip
+import io
+import json
+import math
+import re
+import sys
+
+import compare
+import compare_stats as cs
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+from scipy import stats
+from sklearn.datasets import load_digits
+
+TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
+
+
+def digits_parquet(path, rows=260):
+    """The first `rows` digits as a Hub-layout parquet file: img {bytes, path} (PNG) and label."""
+    digits = load_digits()
+    cells = []
+    for image in digits.images[:rows]:
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(image * 16, 0, 255).astype(np.uint8), mode="L").save(buffer, format="PNG")
+        cells.append({"bytes": buffer.getvalue(), "path": None})
+    table = pa.table({"img": cells, "label": pa.array(digits.target[:rows], pa.int64())})
+    pq.write_table(table, path)
+
+
+def write_config(tmp_path, **changes):
+    digits_parquet(tmp_path / "digits.parquet")
+    config = {
+        "name": "ab",
+        "title": "tiny A/B",
+        "output_dir": str(tmp_path / "runs"),
+        "docs_dir": str(tmp_path / "docs"),
+        "data": {
+            "source": str(tmp_path),
+            "splits": {
+                "train": ["digits.parquet", 0, 96],
+                "validation": ["digits.parquet", 96, 160],
+                "test": ["digits.parquet", 160, 260],
+            },
+        },  # fmt: skip
+        "base": {
+            "train_file": "{data}/train.parquet",
+            "validation_file": "{data}/validation.parquet",
+            "test_files": ["test={data}/test.parquet"],
+            "model_config": "vit-ti",
+            "config_overrides": TINY,
+            "augmentation": "none",
+            "max_steps": 6,
+            "per_device_train_batch_size": 16,
+            "learning_rate": 0.01,
+            "warmup_steps": 2,
+            "gr_warmup_steps": 2,
+            "eval_strategy": "steps",
+            "eval_steps": 3,
+            "logging_steps": 1,
+            "gr_diagnostics_steps": 1,
+            "save_strategy": "no",
+            "use_cpu": True,
+            "report_to": "none",
+            "disable_tqdm": True,
+            "dataloader_num_workers": 0,
+        },  # fmt: skip
+        "arms": {"plain": {"gr_lambda": 0.0}, "gr": {"gr_lambda": 0.1, "gr_r": 0.1, "gr_warmup_strategy": "none"}},
+        "seeds": [0, 1],
+        "pool": 2,
+        "metrics": ["test_error_rate", "eval_loss"],
+        "pairs": [["gr", "plain"]],
+        "per_step": {
+            "keys": ["gr_grad_norm", "adaptive_psi_mean"],
+            "pairs": [["gr", "plain"]],
+            "windows": {"early": [1, 3], "late": [4, 6]},
+        },  # fmt: skip
+        **changes,
+    }
+    path = tmp_path / "ab.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def report_row(text, metric):
+    """(mean, low, high, p, reads) of the report's "gr − plain" row for `metric`."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 8 and cells[0] == "gr − plain" and cells[1].startswith(metric):
+            low, high = map(float, re.findall(r"[-+][\d.]+", cells[5]))
+            return float(cells[3]), low, high, float(cells[6]), cells[7]
+    raise AssertionError(f"no gr − plain row for {metric}")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("compare")
+    config = write_config(tmp_path)
+    assert compare.main([str(config)]) == 0
+    return tmp_path, config
+
+
+def test_records_hold_metrics_cost_and_environment(study):
+    tmp_path, _ = study
+    data = json.loads((tmp_path / "docs" / "ab.json").read_text())
+    runs = {(r["arm"], r["seed"]): r for r in data["runs"]}
+    assert set(runs) == {("plain", 0), ("plain", 1), ("gr", 0), ("gr", 1)}
+    for (arm, seed), run in runs.items():
+        assert run["args"]["seed"] == seed and run["steps"] == 6
+        assert 0 <= run["metrics"]["test_error_rate"] <= 1 and "eval_error_rate" in run["metrics"]
+        env = run["environment"]
+        assert {"torch", "transformers", "accelerate", "cpu", "threads", "device"} <= set(env)
+        assert env["threads"] == 1 and env["device"] == "cpu"
+        share = 1.0 if arm == "gr" else 0.0  # GR without a GR warmup strategy: every step a GR step
+        assert run["gr_step_fraction"] == share and run["forward_backward_passes"] == 6 * (1 + share)
+        # The test set is evaluated once, after training; the validation set during training.
+        folder = tmp_path / "runs" / f"{arm}-seed{seed}"
+        log = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+        assert not [e for e in log if "test_error_rate" in e]
+        assert [e["step"] for e in log if "eval_error_rate" in e] == [3, 6]
+        final = json.loads((folder / "test_results.json").read_text())
+        assert final["test_error_rate"] == run["metrics"]["test_error_rate"]
+    # Same seed, same initial weights and data: GR and plain agree on ‖g‖ at step 1 (both a plain gradient).
+    hist = json.loads(gzip.decompress((tmp_path / "docs" / "ab-histories.json.gz").read_bytes()))
+    assert set(hist) == {"plain-seed0", "plain-seed1", "gr-seed0", "gr-seed1"}
+    first = [hist[f"{arm}-seed0"]["gr_grad_norm"][1][0] for arm in ("gr", "plain")]
+    assert first[0] == pytest.approx(first[1], rel=1e-4)
+    assert hist["gr-seed0"]["adaptive_psi_mean"][0] == [1, 2, 3, 4, 5, 6]
+
+
+def test_report_statistics_match_scipy(study):
+    tmp_path, _ = study
+    data = json.loads((tmp_path / "docs" / "ab.json").read_text())
+    text = (tmp_path / "docs" / "ab.md").read_text()
+    for metric, factor in (("test_error_rate", 100), ("eval_loss", 1)):
+        value = {(r["arm"], r["seed"]): factor * r["metrics"][metric] for r in data["runs"]}
+        diffs = np.array([value["gr", s] - value["plain", s] for s in (0, 1)])
+        mean, low, high, p, reads = report_row(text, metric)
+        assert mean == pytest.approx(diffs.mean(), abs=0.006)
+        if np.ptp(diffs) == 0:
+            continue
+        want_low, want_high = stats.t.interval(0.95, 1, loc=diffs.mean(), scale=stats.sem(diffs))
+        assert (low, high) == (pytest.approx(want_low, abs=0.006), pytest.approx(want_high, abs=0.006))
+        want_p = stats.ttest_rel([value["gr", s] for s in (0, 1)], [value["plain", s] for s in (0, 1)]).pvalue
+        assert p == pytest.approx(want_p, rel=1e-2)
+        assert reads.startswith("no evidence of a difference (95 % CI [") if want_p >= 0.05 else "p = " in reads
+    assert (tmp_path / "docs" / "ab.png").stat().st_size > 10_000
+
+
+def test_resume_runs_nothing_twice(study, capsys):
+    tmp_path, config = study
+    marker = tmp_path / "runs" / "gr-seed1" / "compare_run.json"
+    before = marker.stat().st_mtime_ns
+    # A finished run folder whose record was lost is recorded again, not re-run.
+    path = tmp_path / "docs" / "ab.json"
+    data = json.loads(path.read_text())
+    data["runs"] = [r for r in data["runs"] if not (r["arm"] == "gr" and r["seed"] == 1)]
+    path.write_text(json.dumps(data))
+    assert compare.main([str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "1 runs to do, 3 recorded" in out and "start" not in out
+    assert marker.stat().st_mtime_ns == before
+    assert len(json.loads(path.read_text())["runs"]) == 4
+    assert compare.main([str(config)]) == 0
+    assert "0 runs to do, 4 recorded" in capsys.readouterr().out
+
+
+def test_report_only_rebuilds_from_the_committed_files_and_refuses_without_histories(study, capsys):
+    tmp_path, config = study
+    docs = tmp_path / "docs"
+    text = (docs / "ab.md").read_text()
+    (docs / "ab.md").unlink()
+    (docs / "ab.png").unlink()
+    runs = tmp_path / "runs"
+    runs.rename(tmp_path / "runs-gone")  # the run folders are not needed
+    try:
+        assert compare.main([str(config), "--report_only"]) == 0
+        assert (docs / "ab.md").read_text() == text and (docs / "ab.png").is_file()
+        histories = docs / "ab-histories.json.gz"
+        stored = json.loads(gzip.decompress(histories.read_bytes()))
+        del stored["plain-seed1"]
+        histories.write_bytes(gzip.compress(json.dumps(stored).encode()))
+        assert compare.main([str(config), "--report_only"]) == 2
+        assert "lacks the histories of plain-seed1" in capsys.readouterr().err
+        histories.unlink()
+        assert compare.main([str(config), "--report_only"]) == 2
+        assert "ab-histories.json.gz; it is missing" in capsys.readouterr().err
+    finally:
+        (tmp_path / "runs-gone").rename(runs)
+
+
+def test_paired_statistics_and_the_t_distribution_match_scipy(monkeypatch):
+    a, b = [61.2, 60.1, 62.3, 59.8, 60.9], [60.0, 59.9, 61.0, 58.7, 60.1]
+    diffs = [x - y for x, y in zip(a, b)]
+    s = cs.paired(diffs)
+    want = stats.ttest_rel(a, b)
+    low, high = stats.t.interval(0.95, 4, loc=np.mean(diffs), scale=stats.sem(diffs))
+    assert (s["mean"], s["se"]) == (pytest.approx(np.mean(diffs)), pytest.approx(stats.sem(diffs)))
+    assert (s["low"], s["high"], s["p"]) == (pytest.approx(low), pytest.approx(high), pytest.approx(want.pvalue))
+    assert cs.claim(s) == f"higher (p = {want.pvalue:.2g})"
+    assert cs.claim(cs.paired([-d for d in diffs])).startswith("lower (p = ")
+    noisy = cs.paired([1.0, -0.5, 0.8, -0.9])
+    assert noisy["p"] > 0.05
+    assert cs.claim(noisy) == f"no evidence of a difference (95 % CI [{noisy['low']:.2f}, {noisy['high']:.2f}])"
+    # Without scipy: the continued-fraction t distribution gives scipy's numbers.
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    for t, df in ((0.3, 1), (2.1, 4), (5.0, 9), (1.0, 30)):
+        assert cs.t_sf2(t, df) == pytest.approx(2 * stats.t.sf(t, df), rel=1e-9)
+    for df in (1, 4, 9):
+        assert cs.t_quantile(0.975, df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-9)
+    assert cs.paired(diffs)["p"] == pytest.approx(want.pvalue, rel=1e-9)
+    assert math.isnan(cs.paired([1.0])["p"]) and cs.claim(cs.paired([1.0])) == "not enough seeds (needs 2)"
+
+
+def test_bad_configurations_are_refused_by_name(tmp_path):
+    with pytest.raises(compare.ConfigError, match=r"pair \['gr', 'nope'\] must name two arms of: gr, plain"):
+        compare.load_config(write_config(tmp_path, pairs=[["gr", "nope"]]))
+    with pytest.raises(compare.ConfigError, match="unknown key.*arm_list"):
+        compare.load_config(write_config(tmp_path, arm_list=[]))
+    config = compare.load_config(write_config(tmp_path))
+    config["data"]["splits"]["test"] = ["digits.parquet", 150, 200]
+    with pytest.raises(compare.ConfigError, match="validation rows 96–160 of digits.parquet overlap test.s"):
+        compare.prepare_data(config)
+
+
+def test_test_files_are_name_equals_path(tmp_path):
+    import image_data
+
+    digits_parquet(tmp_path / "d.parquet", rows=20)
+    assert len(image_data.load_test_sets([f"held_out={tmp_path / 'd.parquet'}"])["held_out"]) == 20
+    for bad in ("d.parquet", "eval=x.parquet", "my-set=x.parquet"):
+        with pytest.raises(image_data.InputError, match="--test_files takes 'name=path'"):
+            image_data.load_test_sets([bad])
