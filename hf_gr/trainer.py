@@ -389,11 +389,15 @@ class GRMixin:
         """The settings record among the callbacks (the Trainer may swap in a restored one on resume)."""
         return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, record.GRSettingsRecord))
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+    def train(
+        self, resume_from_checkpoint: str | os.PathLike | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
         """The Trainer's `train`, restoring GR's own state (the kept reuse direction) when resuming."""
         path = resume_from_checkpoint
         if path is True:
             path = get_last_checkpoint(self.args.output_dir)
+        if isinstance(path, os.PathLike):
+            path = os.fspath(path)
         if isinstance(path, str):
             state = os.path.join(path, _gr_state_name(self.args.process_index, self.args.world_size))
             if os.path.isfile(state):

@@ -54,16 +54,19 @@ def window_mean(history: dict[str, Any], key: str, first: int, last: int) -> flo
 
 
 def paired_window(histories: dict[str, Any], runs, a: str, b: str, key: str, window: list[int]) -> tuple:
-    """Paired statistics of a − b of `key`'s window means, and b's mean window value (the reference)."""
+    """Paired statistics of a − b of `key`'s window means, b's mean window value (the reference), and the paired
+    statistics of the relative difference 100·(a − b)/b of the window means (%)."""
     seeds = sorted({r["seed"] for r in runs if r["arm"] == a} & {r["seed"] for r in runs if r["arm"] == b})
-    diffs, base = [], []
+    diffs, base, relative = [], [], []
     for seed in seeds:
         ha, hb = histories.get(f"{a}-seed{seed}", {}), histories.get(f"{b}-seed{seed}", {})
         ma, mb = window_mean(ha, key, *window), window_mean(hb, key, *window)
         if ma is not None and mb is not None:
             diffs.append(ma - mb)
             base.append(mb)
-    return cs.paired(diffs), (statistics.fmean(base) if base else math.nan)
+            if mb:
+                relative.append(100 * (ma - mb) / abs(mb))
+    return cs.paired(diffs), (statistics.fmean(base) if base else math.nan), cs.paired(relative)
 
 
 def _ms(values: list[float], spec: str) -> str:
@@ -72,6 +75,10 @@ def _ms(values: list[float], spec: str) -> str:
     if len(values) == 1:
         return f"{values[0]:{spec}}"
     return f"{statistics.fmean(values):{spec}} ± {statistics.stdev(values):{spec}}"
+
+
+def _span(values: list[int]) -> str:
+    return f"{min(values)}" if min(values) == max(values) else f"{min(values)}–{max(values)}"
 
 
 def _ci(stat: dict[str, Any], spec: str) -> str:
@@ -96,9 +103,7 @@ def arm_table(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         cells += [_ms([scale(m) * r["metrics"][m] for r in rows if m in r["metrics"]], ".2f") for m in metrics]
         best = [r["best_validation"] for r in rows if r["best_validation"]["value"] is not None]
         steps = [b["step"] for b in best]
-        cells.append(
-            _ms([curve_scale * b["value"] for b in best], ".2f") + (f" ({min(steps)}–{max(steps)})" if steps else "")
-        )
+        cells.append(_ms([curve_scale * b["value"] for b in best], ".2f") + (f" ({_span(steps)})" if steps else ""))
         cells.append(_ms([r["train_loss_last10"] for r in rows if r["train_loss_last10"] is not None], ".3f"))
         cells.append(_ms([r["steps"] for r in rows], ".0f"))
         cells.append(_ms([r["gr_step_fraction"] for r in rows], ".2f"))
@@ -127,20 +132,20 @@ def pair_table(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
 def window_table(config: dict[str, Any], runs: list[dict[str, Any]], histories: dict[str, Any]) -> str:
     per_step = config.get("per_step") or {}
     lines = [
-        "| a − b | statistic | window (steps) | b's mean | a − b | 95 % CI | relative | p | reads |",
+        "| a − b | statistic | window (steps) | b's mean | a − b | 95 % CI | p | (a − b)/b, 95 % CI | reads |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for a, b in per_step.get("pairs", []):
         for key in per_step.get("keys", []):
             for name, window in (per_step.get("windows") or {}).items():
-                s, base = paired_window(histories, runs, a, b, key, window)
+                s, base, rel = paired_window(histories, runs, a, b, key, window)
                 if s["n"] == 0:
                     continue
-                relative = f"{100 * s['mean'] / base:+.1f} %" if base else "–"
+                relative = f"{rel['mean']:+.1f} % {_ci(rel, '+.1f')}" if rel["n"] else "–"
                 p = f"{s['p']:.3g}" if s["n"] > 1 else "–"
                 lines.append(
                     f"| {label(config, a)} − {label(config, b)} | {key} | {name} ({window[0]}–{window[1]}) "
-                    f"| {base:.4g} | {s['mean']:+.4g} | {_ci(s, '+.3g')} | {relative} | {p} | {cs.claim(s, '+.3g')} |"
+                    f"| {base:.4g} | {s['mean']:+.4g} | {_ci(s, '+.3g')} | {p} | {relative} | {cs.claim(s, '+.3g')} |"
                 )
     return "\n".join(lines)
 
@@ -242,7 +247,8 @@ time on a shared machine, and includes start-up and the evaluations.
 
 ## Per-step statistics (a − b over windows of steps, paired by seed)
 
-Each run's mean over the window, then the paired difference of the two arms' means.
+Each run's mean over the window, then the paired difference of the two arms' means (a − b, its 95 %
+t-interval and p), and the same for the relative difference (a − b)/b of the window means, in percent.
 
 {windows}
 
@@ -272,7 +278,9 @@ def _band(ax, x, stats, color, name):
 
 def figure(config: dict[str, Any], data: dict[str, Any], histories: dict[str, Any], out: Path) -> None:
     """Per arm the mean validation curve with its 95 % band; per pair the paired difference of the primary metric
-    with its 95 % interval; per per-step key the per-step paired difference with its 95 % band."""
+    with its 95 % interval; per per-step key the per-step paired difference of each per-step pair, relative to
+    b's value at that step (so the start-up steps, where ψ is orders of magnitude larger, do not flatten the
+    rest), with its 95 % band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,7 +288,8 @@ def figure(config: dict[str, Any], data: dict[str, Any], histories: dict[str, An
 
     runs = data["runs"]
     per_step = config.get("per_step") or {}
-    step_panels = [(a, b, k) for a, b in per_step.get("pairs", []) for k in per_step.get("keys", [])]
+    step_pairs, step_keys = per_step.get("pairs", []), per_step.get("keys", [])
+    step_panels = step_keys if step_pairs else []
     count = 2 + len(step_panels)
     cols = 3 if count > 4 else 2
     rows = math.ceil(count / cols)
@@ -325,24 +334,31 @@ def figure(config: dict[str, Any], data: dict[str, Any], histories: dict[str, An
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="x")
 
-    # 3...: per-step paired differences, mean and 95 % band over seeds; the windows shaded.
-    for ax, (a, b, key) in zip(axes[2:], step_panels):
-        seeds = sorted({r["seed"] for r in runs if r["arm"] == a} & {r["seed"] for r in runs if r["arm"] == b})
-        pairs = []
-        for seed in seeds:
-            ha, hb = histories.get(f"{a}-seed{seed}", {}), histories.get(f"{b}-seed{seed}", {})
-            if key in ha and key in hb:
-                pairs.append((dict(zip(*ha[key])), dict(zip(*hb[key]))))
-        if pairs:
+    # 3...: per key, the per-step paired difference of each pair relative to b (%), mean and 95 % band over seeds.
+    for ax, key in zip(axes[2:], step_panels):
+        for i, (a, b) in enumerate(step_pairs):
+            seeds = sorted({r["seed"] for r in runs if r["arm"] == a} & {r["seed"] for r in runs if r["arm"] == b})
+            pairs = []
+            for seed in seeds:
+                ha, hb = histories.get(f"{a}-seed{seed}", {}), histories.get(f"{b}-seed{seed}", {})
+                if key in ha and key in hb:
+                    pairs.append((dict(zip(*ha[key])), dict(zip(*hb[key]))))
+            if not pairs:
+                continue
             steps = sorted(set.intersection(*(set(x) & set(y) for x, y in pairs)))
-            stats = [cs.paired([x[s] - y[s] for x, y in pairs]) for s in steps]
-            _band(ax, steps, stats, "C0", f"mean over {len(pairs)} seeds, 95 % band")
+            steps = [s for s in steps if all(y[s] != 0 for _, y in pairs)]
+            stats = [cs.paired([100 * (x[s] - y[s]) / abs(y[s]) for x, y in pairs]) for s in steps]
+            name = f"{label(config, a)} − {label(config, b)} ({len(pairs)} seeds)"
+            _band(ax, steps, stats, f"C{i}", name)
+            if max(abs(st["mean"]) for st in stats) > 200:  # Adam's first steps: ψ differs by orders of magnitude
+                ax.set_yscale("symlog", linthresh=10)
         for i, (name, (first, last)) in enumerate((per_step.get("windows") or {}).items()):
-            ax.axvspan(first, last, color=f"C{i + 1}", alpha=0.08, label=f"window {name}")
+            ax.axvspan(first, last, color=f"C{i + 4}", alpha=0.08, label=f"window {name}")
         ax.axhline(0, color="k", linewidth=0.8)
         low, high = ax.get_ylim()
         ax.set_ylim(min(low, 0), max(high, 0))
-        ax.set(xlabel="optimizer step", ylabel=f"Δ {key}", title=f"{label(config, a)} − {label(config, b)}: {key}")
+        ax.set(xlabel="optimizer step", ylabel=f"(a − b) / b, {key} (%)",
+               title=f"{key}: per-step paired difference, 95 % band")  # fmt: skip
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in axes[count:]:

@@ -189,22 +189,28 @@ def test_reuse_before_the_first_gr_step_is_plain(tmp_path):
 REUSE_MODES = dict(gr_interval=3, gr_reuse=True)
 
 
-def _resume_run(tmp_path, output_dir, modes, resume=None):
-    """10 steps with AdamW and dropout, saving every 4 steps; resumed from `resume` when given."""
+def _resume_run(tmp_path, output_dir, modes, resume=None, as_path=False):
+    """10 steps with AdamW and dropout, saving every 4 steps; resumed from `resume` when given (a `pathlib.Path`
+    with `as_path`, else a str)."""
     args = make_args(
         tmp_path, output_dir=str(output_dir), max_steps=10, optim="adamw_torch", learning_rate=1e-2,
         save_strategy="steps", save_steps=4, logging_steps=1, **modes,
     )  # fmt: skip
     model = TinyNet(dropout=0.2)
     trainer = GRTrainer(model=model, args=args, train_dataset=DictDataset(64))
-    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    trainer.train(resume_from_checkpoint=None if resume is None else resume if as_path else str(resume))
     return model, trainer
 
 
-@pytest.mark.parametrize("modes", [dict(gr_probability=0.5), REUSE_MODES], ids=["p", "reuse"])
-def test_resume_mid_cycle_is_bit_identical(tmp_path, modes):
+@pytest.mark.parametrize(
+    "modes, as_path", [(dict(gr_probability=0.5), False), (REUSE_MODES, False), (REUSE_MODES, True)],
+    ids=["p", "reuse", "reuse-pathlib"],
+)
+def test_resume_mid_cycle_is_bit_identical(tmp_path, modes, as_path):
     full, full_trainer = _resume_run(tmp_path, tmp_path / "full", modes)
-    resumed, resumed_trainer = _resume_run(tmp_path, tmp_path / "resumed", modes, tmp_path / "full" / "checkpoint-4")
+    resumed, resumed_trainer = _resume_run(
+        tmp_path, tmp_path / "resumed", modes, tmp_path / "full" / "checkpoint-4", as_path=as_path
+    )
     assert all(torch.equal(a, b) for a, b in zip(params_of(full), params_of(resumed)))
     assert _kinds(resumed_trainer) == _kinds(full_trainer)
     if modes.get("gr_reuse"):  # step 4 is a reuse step: it needs the u and ρ saved at step 3's checkpoint

@@ -153,6 +153,17 @@ def test_report_statistics_match_scipy(study):
         assert reads.startswith("no evidence of a difference (95 % CI [") if want_p >= 0.05 else "p = " in reads
     assert (tmp_path / "docs" / "ab.png").stat().st_size > 10_000
 
+    # The per-step window: each run's mean ‖g1‖ over steps 4–6, from its own trainer_state.json, paired by seed.
+    def window(arm, seed):
+        log = json.loads((tmp_path / "runs" / f"{arm}-seed{seed}" / "trainer_state.json").read_text())["log_history"]
+        return np.mean([e["gr_grad_norm"] for e in log if "gr_grad_norm" in e and 4 <= e["step"] <= 6])
+
+    diffs = [window("gr", s) - window("plain", s) for s in (0, 1)]
+    (row,) = [line for line in text.splitlines() if line.startswith("| gr − plain | gr_grad_norm | late (4–6)")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[4]) == pytest.approx(np.mean(diffs), rel=1e-3)
+    assert float(cells[6]) == pytest.approx(stats.ttest_rel(*zip(*[(d, 0.0) for d in diffs])).pvalue, rel=1e-2)
+
 
 def test_resume_runs_nothing_twice(study, capsys):
     tmp_path, config = study

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,12 @@ def test_the_block_parser(tmp_path):
     ]
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_block(code: str, folder: Path) -> subprocess.CompletedProcess:
     """Run `code` as a script in `folder`, in a fresh process, offline, with one torch thread."""
     script = folder / "block.py"
@@ -91,6 +98,7 @@ def run_block(code: str, folder: Path) -> subprocess.CompletedProcess:
         MKL_NUM_THREADS="1",
         TOKENIZERS_PARALLELISM="false",
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),  # this checkout's hf_gr
+        MASTER_PORT=str(free_port()),  # a block that starts a process group picks it up, not a port in use
     )
     return subprocess.run(
         [sys.executable, str(script)], cwd=folder, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
