@@ -32,7 +32,8 @@ from .schedule import GR, REUSE, StepPlan
 logger = logging.getLogger(__name__)
 
 GR_STATE_NAME = "gr_state.pt"
-# The Trainer internals GR relies on; `tests/test_trainer_internals.py` checks that they still exist.
+# The Trainer internals GR relies on;
+# `tests/test_layout.py::test_trainer_internals_gr_relies_on_still_exist` checks that they still exist.
 TRAINER_INTERNALS = (
     "current_gradient_accumulation_steps",
     "_load_from_checkpoint",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a ViT image classifier with gradient regularization (GR) and a GR warmup strategy.
 
-    accelerate launch scripts/train.py configs/quickstart.yaml [--flag value ...]
+    python scripts/train.py configs/quickstart.yaml [--flag value ...]
     python scripts/train.py configs/paper/vit-ti_cifar10_adam.yaml --gr_warmup_strategy zero
 
 The first argument may be a YAML or JSON file of arguments; flags after it override its values, and a data or
