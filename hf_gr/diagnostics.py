@@ -194,7 +194,7 @@ class GRDiagnosticsCallback(TrainerCallback):
         self.every = every
         self.metrics: GRMetrics | None = None
 
-    def bind(self, metrics: GRMetrics) -> None:
+    def _bind(self, metrics: GRMetrics) -> None:
         """Give the callback the trainer's `GRMetrics` (done by `GRMixin`)."""
         self.metrics = metrics
 

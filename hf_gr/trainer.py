@@ -99,7 +99,7 @@ class GRMixin:
             given = [GRDiagnosticsCallback(self.args.gr_diagnostics_steps)]
             self.add_callback(given[0])
         for callback in given:
-            callback.bind(self.gr_metrics)
+            callback._bind(self.gr_metrics)
         self.add_callback(_GRStepCallback(self))
         self.add_callback(record.GRSettingsRecord())
 
@@ -200,7 +200,7 @@ class GRMixin:
                 )  # fmt: skip
         return self.args.get_warmup_steps(max_steps) if max_steps > 0 else 0
 
-    def gr_step_plan(self) -> StepPlan:
+    def _gr_step_plan(self) -> StepPlan:
         """The plan of the optimizer step that starts now (computed at its first micro-batch, then kept)."""
         if self._gr_plan is None:
             fraction = schedule.warmup_fraction(self._gr_schedule_step(), self.gr_warmup_length())
@@ -235,7 +235,7 @@ class GRMixin:
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """One micro-batch: the parent's step once (plain, reuse) or twice around the GR bookkeeping (GR)."""
-        plan = self.gr_step_plan()
+        plan = self._gr_step_plan()
         self._gr_last_plan = plan
         parent = super().training_step
         if plan.kind == GR and self.args.gr_method == "exact":

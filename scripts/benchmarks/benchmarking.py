@@ -335,7 +335,7 @@ class TrainerStepRunner(StepRunner):
         handler = trainer.callback_handler
         trainer.current_gradient_accumulation_steps = len(self.batches)
         trainer.control = handler.on_step_begin(args, trainer.state, trainer.control)
-        gr = isinstance(trainer, GRMixin) and trainer.gr_step_plan().kind == schedule.GR  # the plan it will run
+        gr = isinstance(trainer, GRMixin) and trainer._gr_step_plan().kind == schedule.GR  # the plan it will run
         step_calls = 0.0
         for i, inputs in enumerate(self.batches):
             last = i == len(self.batches) - 1
