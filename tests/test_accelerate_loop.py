@@ -21,13 +21,13 @@ from gr_testing import (
     DictDataset,
     SequentialGRTrainer,
     TinyNet,
-    free_port,
     grad_at,
     grads_of,
     make_args,
     max_rel_err,
     params_of,
     reference_gr_grad,
+    run_torchrun,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -344,13 +344,7 @@ def test_example_script_under_accelerate_launch():
 def ddp_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("accelerate_ddp")
     out = tmp / "results.pt"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(Path(__file__).parent / "distributed" / "accelerate_loop_runs.py"),
-           str(out), str(tmp)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = torch.load(out)
+    results = run_torchrun(Path(__file__).parent / "distributed" / "accelerate_loop_runs.py", out, tmp, timeout=300)
     results["script_per_rank"] = [torch.load(f"{out}.script_rank{rank}") for rank in range(2)]
     return results
 

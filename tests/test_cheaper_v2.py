@@ -2,8 +2,6 @@
 and `gr_sharpness` = L(θ + ε) − L(θ), each against a reference written here from the definitions."""
 
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,12 +18,12 @@ from gr_testing import (
     DictDataset,
     SequentialGRTrainer,
     TinyNet,
-    free_port,
     grad_at,
     make_args,
     max_rel_err,
     params_of,
     reference_gr_grad,
+    run_torchrun,
     step_trainer,
 )
 
@@ -449,12 +447,7 @@ WORLD, DDP_BATCH = 2, 4
 def distributed_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ascent")
     out = tmp / "results.pt"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), str(out), str(tmp)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out, weights_only=False)
+    return run_torchrun(SCRIPT, out, tmp, nproc=WORLD)
 
 
 def _ddp_batches(data, micro: int) -> list[dict]:

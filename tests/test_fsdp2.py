@@ -1,7 +1,5 @@
 """GR under FSDP2 over real processes (torchrun, gloo): against single-process references, with collectives counted."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from gr_testing import free_port, max_rel_err, reference_reuse_direction
+from gr_testing import max_rel_err, reference_reuse_direction, run_torchrun
 
 WORLD, BATCH, STEPS, LR, R = 2, 4, 3, 0.5, 0.1
 SCRIPT = Path(__file__).parent / "distributed" / "fsdp2_gr_runs.py"
@@ -33,12 +31,7 @@ def fsdp_results(tmp_path_factory):
     llama = tmp / "llama"
     _tiny_llama().save_pretrained(llama)
     out = tmp / "results.pt"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), str(out), str(llama), str(tmp)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out, weights_only=False), llama
+    return run_torchrun(SCRIPT, out, llama, tmp, nproc=WORLD), llama
 
 
 def _gr_grad(model, params: dict, loss_fn, alpha: float) -> list[torch.Tensor]:

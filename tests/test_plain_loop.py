@@ -2,8 +2,6 @@
 micro-batches, so the warmup and `gr_interval` take their GR steps where `GRTrainer` takes them. One process here;
 DDP and FSDP2 under torchrun (gloo). Each run is checked against `GRTrainer` and a from-scratch reference."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +12,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from hf_gr import GradientRegularizer, GRArguments
 
-from gr_testing import DictDataset, TinyNet, free_port, grad_at, max_rel_err, reference_gr_grad
+from gr_testing import DictDataset, TinyNet, grad_at, max_rel_err, reference_gr_grad, run_torchrun
 
 SCRIPT = Path(__file__).parent / "distributed" / "plain_loop_runs.py"
 sys.path.insert(0, str(SCRIPT.parent))
@@ -188,12 +186,7 @@ def test_public_surface():
 def distributed_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plain_loop_distributed")
     out = tmp / "results.pt"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(SCRIPT), str(out), str(tmp)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out)
+    return run_torchrun(SCRIPT, out, tmp)
 
 
 @pytest.mark.parametrize("setting, synced", [("ddp", False), ("fsdp2", True)])

@@ -6,8 +6,6 @@ micro-batches accumulated). `RoutedNet` routes to expert 0 while `gate > 0` and 
 Single process here; DDP (`GRTrainer`, `find_unused_parameters=True`) and FSDP2 under torchrun on CPU (gloo).
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from torch.func import functional_call
 
 from hf_gr import GradientRegularizer, GRArguments
 
-from gr_testing import DictDataset, free_port, max_rel_err
+from gr_testing import DictDataset, max_rel_err, run_torchrun
 
 SCRIPT = Path(__file__).parent / "distributed" / "routing_runs.py"
 sys.path.insert(0, str(SCRIPT.parent))
@@ -102,12 +100,7 @@ def test_single_process_gr_counts_a_missing_gradient_as_zero(accumulation, alpha
 def routed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("routing")
     out = tmp / "results.pt"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), str(out), str(tmp)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out, weights_only=False)
+    return run_torchrun(SCRIPT, out, tmp, nproc=WORLD)
 
 
 def _replica_batches(accumulation: int) -> list[list[dict]]:
