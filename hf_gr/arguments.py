@@ -12,7 +12,9 @@ g2 = ∇L(θ + r·g1/‖g1‖) and α = λ/r. λ = r is SAM; λ = 0 is plain tra
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +59,15 @@ class GRArguments:
             does by default. They agree at α = 1.
         gr_diagnostics_steps (`int`, defaults to 0):
             Log ‖g1‖, ‖g2‖, cos(g1, g2) and the adaptive-LR statistics every N optimizer steps (0 = off).
+        gr_ascent_fraction (`float`, defaults to 1.0):
+            f: pass 1 runs on the first ⌈f·B⌉ samples of each micro-batch of B and gives only the perturbation's
+            direction; pass 2 runs on all B at θ + ε and gives the update, so a step costs about 1 + f passes
+            (sub-batch ascent, SAM's m-sharpness; Bahri et al., ACL 2022). f < 1 needs α = 1 (gr_lambda = gr_r:
+            the update is g2 alone), gr_first_term raw, gr_method finite_difference and no gr_reuse; on the
+            steps of a λ-warmup (α_t < 1) pass 1 takes the whole micro-batch.
+        gr_probability_end (`float`, *optional*):
+            The end value of p: p ramps linearly from gr_probability at the first step with λ_t > 0 to this value at
+            the last step of training (G-RST, arXiv 2203.09962); None keeps p constant.
     """
 
     gr_lambda: float = field(
@@ -122,12 +133,31 @@ class GRArguments:
         metadata={"help": "Log ‖g1‖, ‖g2‖, cos(g1, g2) and the adaptive-LR statistics every N optimizer steps (0 = "
                   "off)."},
     )  # fmt: skip
+    gr_ascent_fraction: float = field(
+        default=1.0,
+        metadata={"help": "f: pass 1 runs on the first ⌈f·B⌉ samples of each micro-batch of B and gives only the "
+                  "perturbation's direction; pass 2 runs on all B at θ + ε and gives the update, so a step costs "
+                  "about 1 + f passes (sub-batch ascent, SAM's m-sharpness; Bahri et al., ACL 2022). f < 1 needs "
+                  "α = 1 (gr_lambda = gr_r: the update is g2 alone), gr_first_term raw, gr_method "
+                  "finite_difference and no gr_reuse; on the steps of a λ-warmup (α_t < 1) pass 1 takes the whole "
+                  "micro-batch."},
+    )  # fmt: skip
+    gr_probability_end: float | None = field(
+        default=None,
+        metadata={"help": "The end value of p: p ramps linearly from gr_probability at the first step with λ_t > 0 "
+                  "to this value at the last step of training (G-RST, arXiv 2203.09962); None keeps p constant."},
+    )  # fmt: skip
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> GRArguments:
+        _check_is_a_dataclass(cls)
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
         validate_gr_arguments(self)
+        warn_if_alpha_extrapolates(self)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Validate the GR fields after whichever `__post_init__` a subclass resolves to (some bases do not call
@@ -140,6 +170,7 @@ class GRArguments:
         def __post_init__(self: Any) -> None:
             post_init(self)
             validate_gr_arguments(self)
+            warn_if_alpha_extrapolates(self)
 
         __post_init__._validates_gr = True  # type: ignore[attr-defined]
         cls.__post_init__ = __post_init__  # type: ignore[method-assign]
@@ -181,11 +212,72 @@ def validate_gr_arguments(args: Any) -> None:
         raise ValueError("gr_reuse needs gr_method='finite_difference': the reused correction is the two-pass one.")
     if not _is_integer(args.gr_diagnostics_steps) or args.gr_diagnostics_steps < 0:
         raise ValueError(f"gr_diagnostics_steps must be an integer >= 0 (0 = off), got {args.gr_diagnostics_steps!r}.")
+    _validate_cheaper_every_step(args)
+
+
+def _validate_cheaper_every_step(args: Any) -> None:
+    """Refuse a bad `gr_ascent_fraction` or `gr_probability_end`, and sub-batch ascent where it would be wrong."""
+    f = getattr(args, "gr_ascent_fraction", 1.0)
+    if not _is_finite_number(f) or not 0 < f <= 1:
+        raise ValueError(f"gr_ascent_fraction must be in (0, 1] (1: pass 1 on the whole micro-batch), got {f!r}.")
+    end = getattr(args, "gr_probability_end", None)
+    if end is not None and (not _is_finite_number(end) or not 0 < end <= 1):
+        raise ValueError(f"gr_probability_end must be in (0, 1] or None (a constant gr_probability), got {end!r}.")
+    if f == 1:
+        return
+    # The sub-batch gives only the direction of ε; any other use of g1 needs the whole micro-batch's g1.
+    if args.gr_lambda not in (0, args.gr_r):
+        raise ValueError(
+            f"gr_ascent_fraction={f} < 1 needs gr_lambda == gr_r (α = 1, SAM) or gr_lambda = 0, got "
+            f"gr_lambda={args.gr_lambda}, gr_r={args.gr_r}: with α ≠ 1 the update (1 − α)·g1 + α·g2 needs g1 of "
+            "the whole micro-batch, which a sub-batch pass 1 does not compute."
+        )
+    if args.gr_method != "finite_difference":
+        raise ValueError(f"gr_ascent_fraction={f} < 1 needs gr_method='finite_difference' (the exact method has no "
+                         "separate ascent pass).")  # fmt: skip
+    if args.gr_first_term != "raw":
+        raise ValueError(f"gr_ascent_fraction={f} < 1 needs gr_first_term='raw' (at α = 1 both first terms agree).")
+    if args.gr_reuse:
+        raise ValueError(
+            f"gr_ascent_fraction={f} < 1 cannot be combined with gr_reuse: LookSAM's kept correction is "
+            "g_GR − g1 made orthogonal to g1, and a sub-batch g1 differs from the micro-batch's by its sampling "
+            "noise and loss normalization, so the correction would measure those instead of the GR term."
+        )
+
+
+def warn_if_alpha_extrapolates(args: Any) -> None:
+    """Warn when α = λ/r > 2: the first term's weight 1 − α < −1 puts the step far beyond g2 (the paper: α ≤ 1)."""
+    alpha = args.gr_lambda / args.gr_r
+    if alpha > 2:
+        warnings.warn(
+            f"gr_lambda/gr_r = α = {alpha:.4g} > 2: the GR gradient (1 − α)·g1 + α·g2 weights g1 by 1 − α = "
+            f"{1 - alpha:.4g} < −1, which extrapolates far past g2 (the paper uses α ≤ 1; α = 1 is SAM). Check "
+            "gr_lambda and gr_r.",
+            UserWarning,
+            stacklevel=4,  # the line that built the arguments (through __init__ and __post_init__)
+        )
 
 
 def optimizer_name(args: Any) -> str:
     """The `optim` of `TrainingArguments` as a plain string ("adamw_torch", "rmsprop", ...)."""
     return str(getattr(args.optim, "value", args.optim))
+
+
+def _check_is_a_dataclass(cls: type) -> None:
+    """Refuse a class combining `GRArguments` with another arguments dataclass without `@dataclass` of its own: its
+    inherited `__init__` knows only one base's fields (`output_dir` is refused, or the GR flags are ignored)."""
+    owner = next(c for c in cls.__mro__ if "__init__" in vars(c))
+    if "__dataclass_fields__" not in vars(owner):
+        return  # an `__init__` written by hand
+    known = {f.name for f in dataclasses.fields(owner) if f.init}
+    bases = [c for c in cls.__mro__ if "__dataclass_fields__" in vars(c)]
+    missing = sorted({f.name for c in bases for f in dataclasses.fields(c) if f.init} - known)
+    if missing:
+        raise TypeError(
+            f"{cls.__name__} combines {', '.join(c.__name__ for c in bases if c is not owner)} with {owner.__name__} "
+            f"but is not a dataclass itself, so its __init__ lacks {', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}: add @dataclass above `class {cls.__name__}(...)`."
+        )
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -9,12 +9,15 @@ step's metrics are collected until `GRMixin.log` averages them into the next tra
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import torch
 from accelerate.utils import reduce
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+logger = logging.getLogger(__name__)
 
 GRADIENT_KEYS = ("gr_grad_norm", "gr_perturbed_grad_norm", "gr_cosine")
 ADAPTIVE_LR_KEYS = (
@@ -34,12 +37,15 @@ class GRMetrics:
     never logs holds a few numbers, not one per step.
 
     `recording` says whether the current step measures the diagnostics (set by `GRDiagnosticsCallback`).
+    `gr_degenerate_fraction` (the share of GR micro-batches whose ‖g1‖ gave no direction, so that they ran as
+    plain steps) is warned about once, the first time it is non-zero.
     """
 
     def __init__(self) -> None:
         self.sums: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
         self.recording = False
+        self.warned_degenerate = False
 
     def add(self, key: str, value: float | torch.Tensor) -> None:
         """Record one measurement (per micro-batch, or per step) of `key`."""
@@ -55,6 +61,14 @@ class GRMetrics:
             keys = sorted(means)
             tensor = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=replica_device)
             means = dict(zip(keys, reduce(tensor, reduction="mean").tolist()))
+        if means.get("gr_degenerate_fraction", 0.0) > 0 and not self.warned_degenerate:
+            self.warned_degenerate = True
+            logger.warning(
+                "GR had no direction on %.1f%% of its micro-batches since the last log: ‖g1‖ was zero or below the "
+                "smallest normal number of the gradients' dtype, so they ran as plain steps "
+                "(`gr_degenerate_fraction`). With fp16 weights use a loss scaler (fp16=True) or bf16/fp32 weights.",
+                100 * means["gr_degenerate_fraction"],
+            )
         return means
 
 
@@ -180,7 +194,7 @@ class GRDiagnosticsCallback(TrainerCallback):
         self.every = every
         self.metrics: GRMetrics | None = None
 
-    def bind(self, metrics: GRMetrics) -> None:
+    def _bind(self, metrics: GRMetrics) -> None:
         """Give the callback the trainer's `GRMetrics` (done by `GRMixin`)."""
         self.metrics = metrics
 

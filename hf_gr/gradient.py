@@ -175,18 +175,22 @@ def orthogonal_correction_(
     """LookSAM's kept direction: turn `kept` (holding g1) into u = c⊥/‖c⊥‖ in place, and return ρ = ‖c⊥‖/‖g1‖.
 
     With g = `grads` (the GR gradient g_GR) and c = g − g1: c⊥ = c − (⟨c, g1⟩/‖g1‖²)·g1 = g − (⟨g, g1⟩/‖g1‖²)·g1.
-    `kept` is one flat buffer and `kept_views` its per-parameter views. `all_reduce` sums the scalar partial
-    results over shards (FSDP2), when the tensors are shards. When no direction exists (g1 = 0, c⊥ = 0, or a
-    non-finite value) u = 0 and ρ = 0, so that a reuse step stays a plain step.
+    `kept` is one flat buffer and `kept_views` its per-parameter views; keep it in float32 or wider (c⊥ is a small
+    difference of nearly equal gradients, lost in half precision). Sums accumulate in float32, or float64 for a
+    float64 buffer. `all_reduce` sums the scalar partial results over shards (FSDP2), when the tensors are shards.
+    When no direction exists (g1 = 0, c⊥ = 0, or a non-finite value) u = 0 and ρ = 0, so that a reuse step stays
+    a plain step.
     """
     reduce = all_reduce or (lambda t: t)
-    sums = reduce(torch.stack([dot(grads, kept_views).to(kept.device), kept.float().square().sum()]))
+    wide = torch.promote_types(kept.dtype, torch.float32)  # sums in float32, or float64 for float64 tensors
+    sums = reduce(torch.stack([dot(grads, kept_views).to(device=kept.device, dtype=wide),
+                               kept.to(wide).square().sum()]))  # fmt: skip
     g_dot_g1, g1_sq = sums.unbind()
     coefficient = torch.where(g1_sq > 0, g_dot_g1 / g1_sq, torch.zeros_like(g1_sq))
     with torch.no_grad():
         kept.mul_(-coefficient.to(kept.dtype))
         torch._foreach_add_(list(kept_views), [g.to(kept.dtype) for g in grads])
-    perp_sq = reduce(kept.float().square().sum())
+    perp_sq = reduce(kept.to(wide).square().sum())
     valid = torch.isfinite(perp_sq) & (perp_sq > 0) & torch.isfinite(g1_sq) & (g1_sq > 0)
     perp = torch.where(valid, perp_sq, torch.ones_like(perp_sq)).sqrt()
     with torch.no_grad():

@@ -3,8 +3,8 @@
 The Trainer writes its card (`Trainer.create_model_card`, also called by `Trainer.push_to_hub` just before the
 upload); `GRMixin.create_model_card` then adds to it, through huggingface_hub's `ModelCard`/`ModelCardData`:
 an `hf_gr` metadata block with the GR settings (λ, r, α, the warmup strategy and its length W, the method, the
-cheaper modes), the dataset, the base model and the eval results; the tags `gradient-regularization` and
-`hf_gr`; and a "Gradient regularization" section.
+cheaper modes; per range of optimizer steps when a resume changed them), the dataset, the base model and the eval
+results; the tags `gradient-regularization` and `hf_gr`; and a "Gradient regularization" section.
 """
 
 from __future__ import annotations
@@ -19,15 +19,23 @@ from .arguments import GRArguments, optimizer_name
 
 GR_TAGS = ("gradient-regularization", "hf_gr")
 _TIMINGS = ("runtime", "per_second")
-_SECTION = """## Gradient regularization
+_HEADER = """## Gradient regularization
 
 Trained with hf_gr's gradient regularization, L + λ·‖∇L‖₂ (Zhao, Zhang & Hu, "When Will Gradient Regularization
 Be Harmful?", ICML 2024):
 
-- λ = {gr_lambda}, r = {gr_r} (α = λ/r = {alpha}), method: {gr_method}, first term: {gr_first_term}
+"""
+_SETTINGS = """- λ = {gr_lambda}, r = {gr_r} (α = λ/r = {alpha}), method: {gr_method}, first term: {gr_first_term}
 - GR warmup: {gr_warmup_strategy} over W = {gr_warmup_steps} optimizer steps
 - cheaper modes: interval k = {gr_interval}, probability p = {gr_probability}, reuse = {gr_reuse}
-- optimizer: {optimizer}, learning rate {learning_rate}, weight decay {weight_decay}, {max_steps} steps
+"""
+_RANGES = "- GR settings by range of optimizer steps (changed on resume; steps not listed were not recorded):\n"
+_RANGE = (
+    "  - steps {first_step}–{last_step}: λ = {gr_lambda}, r = {gr_r} (α = {alpha}), method: {gr_method}, first term: "
+    "{gr_first_term}, GR warmup: {gr_warmup_strategy} over W = {gr_warmup_steps}, interval k = {gr_interval}, "
+    "probability p = {gr_probability}, reuse = {gr_reuse}, synced perturbation = {gr_sync_perturbation}\n"
+)
+_RUN = """- optimizer: {optimizer}, learning rate {learning_rate}, weight decay {weight_decay}, {max_steps} steps
 - dataset: {dataset}; base model: {base}
 """
 
@@ -38,8 +46,13 @@ def gr_card_metadata(
     warmup_steps: int | None,
     dataset: str | None = None,
     base_model: str | None = None,
+    segments: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The `hf_gr` metadata block: GR settings, W, the dataset, the base model and the latest eval results."""
+    """The `hf_gr` metadata block: GR settings, W, the dataset, the base model and the latest eval results.
+
+    `segments` (`hf_gr.record`) lists the settings each range of optimizer steps ran with, as `gr_segments`; the
+    top-level settings are those of the last range.
+    """
     eval_results: dict[str, Any] = {}
     for entry in state.log_history:
         if any(key.startswith("eval_") for key in entry):
@@ -57,6 +70,8 @@ def gr_card_metadata(
         "gr_interval": args.gr_interval,
         "gr_probability": args.gr_probability,
         "gr_reuse": args.gr_reuse,
+        "gr_ascent_fraction": args.gr_ascent_fraction,
+        "gr_probability_end": args.gr_probability_end,
         "optimizer": optimizer_name(args),
         "learning_rate": getattr(args, "learning_rate", None),
         "weight_decay": getattr(args, "weight_decay", None),
@@ -64,6 +79,7 @@ def gr_card_metadata(
         "dataset": dataset,
         "base_model": base_model,
         "eval_results": {k: float(v) if isinstance(v, float) else v for k, v in eval_results.items()},
+        "gr_segments": [dict(s) for s in segments or [] if s["last_step"] >= s["first_step"]],
     }
 
 
@@ -78,9 +94,13 @@ def add_gr_to_model_card(path: str, metadata: dict[str, Any]) -> ModelCard:
         data.base_model = metadata["base_model"]
     if metadata.get("dataset") and not data.datasets:
         data.datasets = [metadata["dataset"]]
-    section = _SECTION.format(
-        alpha=f"{metadata['gr_alpha']:.4g}", base=metadata["base_model"] or "none (trained from scratch)", **metadata
-    )
+    ranges = metadata.get("gr_segments") or []
+    if len(ranges) > 1 or (ranges and ranges[0]["first_step"] > 1):
+        settings = _RANGES + "".join(_RANGE.format(alpha=f"{r['gr_lambda'] / r['gr_r']:.4g}", **r) for r in ranges)
+    else:
+        settings = _SETTINGS.format(alpha=f"{metadata['gr_alpha']:.4g}", **metadata)
+    base = metadata["base_model"] or "none (trained from scratch)"
+    section = _HEADER + settings + _RUN.format(base=base, **metadata)
     results = [f"{k} {v:.4g}" for k, v in metadata["eval_results"].items() if k in ("accuracy", "error_rate")]
     if results:
         section += f"- eval: {', '.join(results)}\n"

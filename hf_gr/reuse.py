@@ -18,7 +18,11 @@ from .sync import local_shards
 
 
 class ReuseState:
-    """u (one flat buffer, with a view per trainable parameter, in their dtype) and ρ; one parameter-sized buffer.
+    """u (one flat buffer, with a view per trainable parameter) and ρ; one parameter-sized buffer.
+
+    The buffer is float32, or float64 when a parameter is float64: u = c⊥/‖c⊥‖ comes from a small difference of
+    nearly equal gradients, which half precision loses. For bf16 or fp16 weights it therefore takes 4 bytes per
+    trainable parameter, twice the weights' own size (for float32 or float64 weights, the weights' size).
 
     During a GR step the buffer collects the step's g1 (summed over micro-batches); after its last micro-batch it
     becomes u. `state_dict` holds u and ρ, so a resumed run continues bit for bit.
@@ -35,8 +39,9 @@ class ReuseState:
     def allocate(self, trainable: list[torch.Tensor]) -> None:
         """The flat buffer for `trainable` (their local shards under FSDP2); a loaded state is installed into it."""
         shards = local_shards(trainable)
-        dtypes = {p.dtype for p in shards}
-        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        dtype = torch.float32
+        for p in shards:
+            dtype = torch.promote_types(dtype, p.dtype)
         self.flat = torch.zeros(sum(p.numel() for p in shards), dtype=dtype, device=shards[0].device)
         self.view_of, offset = {}, 0
         for p, shard in zip(trainable, shards):

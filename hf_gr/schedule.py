@@ -13,11 +13,16 @@ a GR step when t % k == 0 (`gr_interval`, composer's SAM interval) and u(seed, t
 official code's hybrid mode). u is a hash of (seed, t): the same on every replica and after a resume, and it
 consumes no RNG, so dropout streams are untouched. The other eligible steps are plain steps, or reuse steps
 with `gr_reuse` (LookSAM).
+
+With `gr_probability_end` p ramps (G-RST, arXiv 2203.09962): p_t = p + (p_end − p)·clip((t − t0)/(T − 1 − t0), 0, 1)
+from the first eligible step t0 to the last step T − 1 of a run of T optimizer steps (`ramped_probability`), and
+the draw is u(seed, t) < p_t: still a pure function of the step.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +80,29 @@ def uniform(seed: int, step: int) -> float:
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     z ^= z >> 31
     return (z >> 11) / float(1 << 53)
+
+
+def first_eligible_step(coefficients: Callable[[float], tuple[float, float]], warmup_steps: int) -> int:
+    """t0: the first LR-schedule step whose warmed-up (λ_t, r_t) = `coefficients(f(t))` are both > 0.
+
+    From t = W on f(t) = 1, so the search ends there (W when even the full (λ, r) is not eligible).
+    """
+    for step in range(max(warmup_steps, 0) + 1):
+        gr_lambda, gr_r = coefficients(warmup_fraction(step, warmup_steps))
+        if gr_lambda > 0.0 and gr_r > 0.0:
+            return step
+    return max(warmup_steps, 0)
+
+
+def ramped_probability(start: float, end: float | None, step: int, first_step: int, total_steps: int) -> float:
+    """p_t of step `step`: `start` up to the first eligible step t0 = `first_step`, then linear to `end` at the
+    run's last step T − 1 (`total_steps` = T), `end` after it; `start` when `end` is None (no ramp)."""
+    if end is None:
+        return start
+    span = total_steps - 1 - first_step
+    if span <= 0:
+        return start if step < first_step else end
+    return start + (end - start) * min(1.0, max(0.0, (step - first_step) / span))
 
 
 def plan_step(

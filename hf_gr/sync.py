@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -52,15 +53,84 @@ def all_reduce_sum(tensor: torch.Tensor, world: int) -> torch.Tensor:
 def average_across_replicas_(trainable: list[torch.Tensor], world: int) -> None:
     """`.grad` ← its mean over the replicas, in one flat all-reduce (for `gr_sync_perturbation`).
 
-    A parameter without a gradient on this replica takes part with zeros, so all replicas reduce alike.
+    A parameter without a gradient on this replica takes part with zeros (a missing gradient counts as 0), so all
+    replicas reduce alike; a presence count travels in the same all-reduce, and a parameter that no replica has a
+    gradient for keeps `.grad = None`, as in plain training (an optimizer then leaves it alone: no weight decay).
+    Only a replica that lacks some gradient reads the counts back (one host sync).
     """
-    for p in trainable:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in trainable]
-    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), world) / world
-    chunks = torch.split(flat, [g.numel() for g in grads])
-    torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(chunks, grads)])
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
+    missing = [p.grad is None for p in trainable]
+    present = torch.ones(len(grads), dtype=grads[0].dtype, device=grads[0].device)  # built on the device
+    for i in (i for i, m in enumerate(missing) if m):
+        present[i] = 0
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads] + [present]), world)
+    *chunks, counts = torch.split(flat, [g.numel() for g in grads] + [len(grads)])
+    own = [(g, c) for g, c, m in zip(grads, chunks, missing) if not m]
+    if own:
+        torch._foreach_copy_([g for g, _ in own], [c.view_as(g) / world for g, c in own])
+    if any(missing):
+        somewhere = counts.tolist()
+        for p, g, c, m, n in zip(trainable, grads, chunks, missing, somewhere):
+            if m and n > 0:
+                p.grad = g.copy_(c.view_as(g) / world)
+
+
+def finds_unused_parameters(model: nn.Module) -> bool:
+    """Whether `model` is DDP with `find_unused_parameters` (it then reduces the `.grad` of unused parameters)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel) and bool(model.find_unused_parameters)
+
+
+def reduces_only_used_parameters(model: nn.Module) -> bool:
+    """Whether `model` is DDP without `find_unused_parameters`, about to all-reduce in this backward: it then
+    expects a gradient for every parameter and cannot reduce one that the backward left out."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return (
+        isinstance(model, DistributedDataParallel)
+        and not model.find_unused_parameters
+        and bool(model.require_backward_grad_sync)
+    )
+
+
+def reached_parameters(outputs: Any) -> set[int]:
+    """The ids of the leaf tensors (parameters) that the autograd graph of the tensors in `outputs` reaches.
+
+    What DDP's `find_unused_parameters` computes after forward: `outputs` may nest tensors in dicts, lists,
+    tuples and dataclasses (a `ModelOutput`).
+    """
+    reached: set[int] = set()
+    stack, seen = [], set()
+    for tensor in _tensors(outputs):
+        if tensor.grad_fn is not None:
+            stack.append(tensor.grad_fn)
+        elif tensor.requires_grad:
+            reached.add(id(tensor))
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: its leaf
+        if variable is not None:
+            reached.add(id(variable))
+        stack.extend(following for following, _ in node.next_functions if following is not None)
+    return reached
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            yield from _tensors(getattr(value, field.name))
 
 
 @contextlib.contextmanager

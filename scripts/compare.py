@@ -303,7 +303,8 @@ def record(config: dict[str, Any], arm: str, seed: int, env: dict[str, Any]) -> 
         "train_loss_last10": statistics.fmean(tail) if tail else None,
         "steps": steps,
         "gr_step_fraction": share,
-        "forward_backward_passes": round(steps * accumulation * (1 + share)),
+        # a GR step: pass 2 on the whole batch, pass 1 on a fraction f of it (gr_ascent_fraction; 1 by default)
+        "forward_backward_passes": round(steps * accumulation * (1 + share * ascent_fraction(meta["args"]))),
         "wall_s": meta["wall_s"],
         "train_runtime": results.get("train_runtime"),
         "args": meta["args"],
@@ -320,6 +321,12 @@ def gr_step_share(log: list[dict[str, Any]]) -> float:
         total += span * entry["gr_step_fraction"]
         previous, steps = entry["step"], steps + span
     return total / steps if steps else 0.0
+
+
+def ascent_fraction(args: dict[str, Any]) -> float:
+    """f, the share of each batch that a GR step's pass 1 runs on (`gr_ascent_fraction`, 1 when not set)."""
+    value = args.get("gr_ascent_fraction")
+    return 1.0 if value is None else float(value)
 
 
 def weights_digest(path: Path) -> str:

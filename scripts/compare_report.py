@@ -242,7 +242,8 @@ interval says how large one could still be.
 
 "Best validation" is the lowest validation value during training and its step: the only selection this
 comparison offers is on the validation set; every test metric is the final model's. A GR step costs two
-forward-backward passes, a plain step one. Wall time is per run, {config.get("pool") or "one per CPU"} runs at a
+forward-backward passes (1 + f with `gr_ascent_fraction` f, whose pass 1 sees a fraction f of the batch), a plain
+step one. Wall time is per run, {config.get("pool") or "one per CPU"} runs at a
 time on a shared machine, and includes start-up and the evaluations.
 
 ## Per-step statistics (a − b over windows of steps, paired by seed)

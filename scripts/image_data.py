@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, DatasetDict
 from huggingface_hub import is_offline_mode
+from PIL import Image as PILImage
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,10 @@ CHANNEL_STATS: dict[str, tuple[list[float], list[float]]] = {
     "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
 }
 AUGMENTATIONS = ("auto", "basic", "crop", "none")
+# A split of at most this many images is decoded whole before training (about 3 s for CIFAR's 32×32 PNGs, under a
+# minute for photos of a few hundred pixels), so an unreadable image stops the run at once; a larger split is checked
+# as its batches are read. `--skip_bad_images` checks every split whole, whatever its size.
+CHECK_BEFORE_TRAINING = 10_000
 
 
 class InputError(ValueError):
@@ -98,12 +103,23 @@ def load_image_dataset(
         raise InputError("Give --dataset_name (a Hub id or 'digits') or --train_file.")
     if "train" not in raw:
         raise InputError(f"The dataset has no 'train' split; its splits are {list(raw)}.")
-    if "validation" not in raw:
-        if "test" in raw:
-            raw["validation"] = raw["test"]
-        else:
-            parts = raw["train"].train_test_split(test_size=train_val_split, seed=seed)
-            raw["train"], raw["validation"] = parts["train"], parts["test"]
+    source = dataset_name or train_file
+    if "validation" in raw:
+        where = "--validation_file" if validation_file is not None else f"the 'validation' split of {source}"
+        logger.info("Evaluating on %s (%d examples)", where, len(raw["validation"]))
+    elif "test" in raw:
+        raw["validation"] = raw["test"]
+        logger.info("Evaluating on the 'test' split of %s (%d examples)", source, len(raw["test"]))
+    else:
+        parts = raw["train"].train_test_split(test_size=train_val_split, seed=seed)
+        raw["train"], raw["validation"] = parts["train"], parts["test"]
+        logger.warning(
+            "Evaluating on %d training examples held out (--train_val_split %s): %s has no validation or test "
+            "split; pass --validation_file for a test set",
+            len(raw["validation"]),
+            train_val_split,
+            source,
+        )
     return DatasetDict({"train": raw["train"], "validation": raw["validation"]})
 
 
@@ -136,10 +152,16 @@ def _load_local(path: str, flag: str, cache_dir: str | None) -> Dataset:
         builder, kwargs = "parquet", {"data_files": str(location)}
     else:
         raise InputError(f"{flag} {path!r} must be a .parquet file or an image folder (one sub-folder per class).")
+    # No "Downloading data" / "Generating train split" bars: nothing is downloaded from a local path.
+    bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
     try:
         loaded = datasets.load_dataset(builder, cache_dir=cache_dir, **kwargs)
     except Exception as error:  # datasets raises many types (ArrowInvalid, DatasetGenerationError, ...)
         raise InputError(f"Could not read {flag} {path!r} as {builder}: {type(error).__name__}: {error}") from error
+    finally:
+        if bars_were_on:
+            datasets.utils.enable_progress_bars()
     return loaded["train"]
 
 
@@ -184,6 +206,79 @@ def decode_images(raw: DatasetDict, image_column: str) -> DatasetDict:
                 "column of images (PIL images or {bytes, path} structs)."
             )
         raw[split] = dataset.cast_column(image_column, datasets.Image())
+    return raw
+
+
+def open_image(value: Any) -> PILImage.Image:
+    """A PIL image from a decoded image or a stored `{bytes, path}` value, decoded whole by `datasets` itself (EXIF
+    orientation, remote paths), so that a corrupt or truncated file fails here rather than later."""
+    if isinstance(value, PILImage.Image):
+        return value
+    return datasets.Image().decode_example(value)
+
+
+def describe_image(value: Any, row: int | None, split: str) -> str:
+    """How an error names an image: its file when it has one, else its row in the split when known."""
+    path = value.get("path") if isinstance(value, dict) else None
+    if path:
+        return f"{path!r} in the {split!r} split"
+    return f"in row {row} of the {split!r} split" if row is not None else f"in the {split!r} split (no file name)"
+
+
+def read_image(value: Any, split: str, row: int | None = None) -> PILImage.Image:
+    """`open_image`, with an unreadable image an `InputError` naming its file (or row) and the way past it."""
+    try:
+        return open_image(value)
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+        raise InputError(
+            f"Cannot read the image {describe_image(value, row, split)}: {type(error).__name__}: {error}. Fix or "
+            "remove it, or pass --skip_bad_images to check every image before training and drop unreadable ones."
+        ) from error
+
+
+def unreadable_images(dataset: Dataset, image_column: str) -> list[tuple[int, str]]:
+    """`(row, error)` of every image in `dataset` that cannot be decoded (corrupt, truncated, not an image)."""
+    stored = dataset.cast_column(image_column, datasets.Image(decode=False))
+    bad, row = [], 0
+    for batch in stored.select_columns([image_column]).iter(batch_size=1000):
+        for value in batch[image_column]:
+            try:
+                open_image(value)
+            except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+                bad.append((row, f"{type(error).__name__}: {error}"))
+            row += 1
+    return bad
+
+
+def check_images(raw: DatasetDict, image_column: str, skip_bad: bool = False) -> DatasetDict:
+    """Decode every image of each split of at most `CHECK_BEFORE_TRAINING` images (of every split when `skip_bad`):
+    an unreadable one is an error naming its file and row, or with `skip_bad` is dropped, with a count.
+
+    Larger splits are checked as their batches are read (`ImageTransform` names the file there).
+    """
+    for split, dataset in raw.items():
+        if not skip_bad and len(dataset) > CHECK_BEFORE_TRAINING:
+            continue
+        bad = unreadable_images(dataset, image_column)
+        if not bad:
+            continue
+        stored = dataset.cast_column(image_column, datasets.Image(decode=False))
+        row, error = bad[0]
+        first = describe_image(stored[row][image_column], row, split)
+        if not skip_bad:
+            more = f" ({len(bad)} unreadable images in all)" if len(bad) > 1 else ""
+            raise InputError(
+                f"Cannot read the image {first}: {error}{more}. Fix or remove it, or pass --skip_bad_images to drop "
+                "unreadable images."
+            )
+        rows = {r for r, _ in bad}
+        raw[split] = dataset.select([i for i in range(len(dataset)) if i not in rows])
+        logger.warning(
+            "Dropped %d unreadable image(s) from the %r split (--skip_bad_images), %d left; first the image %s: %s",
+            len(bad), split, len(raw[split]), first, error,
+        )  # fmt: skip
+        if len(raw[split]) == 0:
+            raise InputError(f"Every image of the {split!r} split is unreadable; first the image {first}: {error}.")
     return raw
 
 
@@ -255,8 +350,9 @@ def channel_stats(dataset_name: str | None, train: Dataset, image_column: str, s
     for key, stats in CHANNEL_STATS.items():
         if key in name:
             return stats
-    subset = train.select(range(min(samples, len(train))))
-    pixels = np.stack([np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0 for img in subset[image_column]])
+    subset = train.select(range(min(samples, len(train)))).cast_column(image_column, datasets.Image(decode=False))
+    images = [read_image(value, "train", row).convert("RGB") for row, value in enumerate(subset[image_column])]
+    pixels = np.stack([np.asarray(image, dtype=np.float64) / 255.0 for image in images])
     mean, std = pixels.mean(axis=(0, 1, 2)), pixels.std(axis=(0, 1, 2))
     return [round(float(m), 4) for m in mean], [round(max(float(s), 1e-3), 4) for s in std]
 
@@ -315,18 +411,29 @@ class ImageTransform:
         image_processor: the model's image processor (resize, rescale, normalize).
         image_column (`str`), label_column (`str`): the dataset's columns.
         augmentation (`Augmentation`, *optional*): applied to the whole batch after the processor (training only).
+        split (`str`, *optional*, defaults to `"train"`): the split's name, for the error on an unreadable image.
+
+    The image column may hold decoded images or stored `{bytes, path}` values (`datasets.Image(decode=False)`):
+    those are decoded here, so that an unreadable image is an `InputError` naming its file rather than a traceback
+    from inside `datasets`.
     """
 
     def __init__(
-        self, image_processor: Any, image_column: str, label_column: str, augmentation: Augmentation | None = None
+        self,
+        image_processor: Any,
+        image_column: str,
+        label_column: str,
+        augmentation: Augmentation | None = None,
+        split: str = "train",
     ) -> None:
         self.image_processor = image_processor
         self.image_column = image_column
         self.label_column = label_column
         self.augmentation = augmentation
+        self.split = split
 
     def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
-        images = [image.convert("RGB") for image in batch[self.image_column]]
+        images = [read_image(value, self.split).convert("RGB") for value in batch[self.image_column]]
         pixel_values = self._already_sized(images)
         if pixel_values is None:
             pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a ViT image classifier with gradient regularization (GR) and a GR warmup strategy.
 
-    accelerate launch scripts/train.py configs/quickstart.yaml [--flag value ...]
+    python scripts/train.py configs/quickstart.yaml [--flag value ...]
     python scripts/train.py configs/paper/vit-ti_cifar10_adam.yaml --gr_warmup_strategy zero
 
 The first argument may be a YAML or JSON file of arguments; flags after it override its values, and a data or
@@ -14,6 +14,7 @@ from-scratch CIFAR ViTs (`--model_config vit-ti|vit-s|vit-b`, `--config_override
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -22,18 +23,21 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import datasets
 import evaluate
 import numpy as np
 import transformers
 import yaml
-from huggingface_hub import is_offline_mode, try_to_load_from_cache
+from huggingface_hub import HfApi, is_offline_mode, try_to_load_from_cache
 from huggingface_hub.constants import HF_HUB_CACHE
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
     HfArgumentParser,
-    TrainerCallback,
+    TrainerState,
+    ViTForImageClassification,
     set_seed,
 )
 from transformers.models.vit import ViTImageProcessorPil
@@ -46,6 +50,7 @@ import image_data as data
 import paper_vit as modeling
 
 ACCURACY_PATH = str(Path(__file__).with_name("accuracy.py"))
+TRAINER_STATE = "trainer_state.json"
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +80,10 @@ class ModelArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Where Hub models and datasets are cached."})
     ignore_mismatched_sizes: bool = field(
         default=True,
-        metadata={"help": "Replace a pretrained classifier whose size differs from the dataset's classes."},
+        metadata={
+            "help": "Replace a pretrained classifier whose size differs from the dataset's classes by a new one "
+            "(--no_ignore_mismatched_sizes: stop with an error instead)."
+        },
     )
     decoupled_weight_decay: bool = field(
         default=True,
@@ -127,6 +135,14 @@ class DataArguments:
             "choices": list(data.AUGMENTATIONS),
         },
     )
+    skip_bad_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Decode every image before training and drop the unreadable ones (corrupt, truncated), with a "
+            "count. Without it an unreadable image is an error naming its file: before training in a split of at "
+            f"most {data.CHECK_BEFORE_TRAINING:,} images (all decoded first), when its batch is read in a larger one."
+        },
+    )
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, GRTrainingArguments)
@@ -163,6 +179,9 @@ def build_parser() -> ScriptArgumentParser:
     for action in [a for a in parser._optionals._group_actions if a.dest != "help"]:
         parser._optionals._group_actions.remove(action)
         (gr_group if action.dest.startswith("gr_") else trainer_group)._group_actions.append(action)
+    for action in parser._actions:  # HfArgumentParser gives `--no_x` the help of `--x`, which says the opposite
+        if action.option_strings and action.option_strings[0] == f"--no_{action.dest}":
+            action.help = f"Set --{action.dest} to false."
     return parser
 
 
@@ -188,12 +207,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     parser.set_defaults(**config)
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    except InputError:
-        raise
+    except InputError as error:
+        raise InputError(f"{error}{did_you_mean(parser, argv)}") from error
     except ValueError as error:  # unused flags, and the checks of TrainingArguments and the GR fields
-        raise InputError(str(error)) from error
+        raise InputError(f"{error}{did_you_mean(parser, argv)}") from error
     check_args(model_args, data_args, {key: f"config file {config_file}" for key in config if key not in flags})
     return model_args, data_args, training_args
+
+
+def did_you_mean(parser: argparse.ArgumentParser, argv: list[str]) -> str:
+    """A "did you mean --x?" hint for each flag in `argv` the parser does not know and that is close to one it does."""
+    known = [option for action in parser._actions for option in action.option_strings]
+    hints = []
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("--") or flag in known or any(option.startswith(flag) for option in known):
+            continue
+        close = difflib.get_close_matches(flag, known, n=1)
+        if close:
+            hints.append(f"did you mean {close[0]} (not {flag})?")
+    return "; " + "; ".join(hints) if hints else ""
 
 
 def given_as_flags(argv: list[str]) -> set[str]:
@@ -217,7 +250,9 @@ def read_config_file(path: str) -> dict[str, Any]:
     known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
     unknown = sorted(set(config) - known)
     if unknown:
-        raise InputError(f"Unknown key(s) in {path}: {', '.join(unknown)}. Run with --help to list the arguments.")
+        close = {key: difflib.get_close_matches(key, sorted(known), n=1) for key in unknown}
+        hints = [f"{key} (did you mean {close[key][0]}?)" if close[key] else key for key in unknown]
+        raise InputError(f"Unknown key(s) in {path}: {', '.join(hints)}. Run with --help to list the arguments.")
     return config
 
 
@@ -245,6 +280,93 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, origins: di
         raise InputError(f"Give exactly one of --dataset_name and --train_file; got {sources}.")
     if data_args.validation_file is not None and data_args.train_file is None:
         raise InputError(f"--validation_file needs --train_file; got {given(data_args, 'validation_file')}.")
+
+
+def find_checkpoint(training_args: GRTrainingArguments) -> str | None:
+    """The checkpoint training resumes from: `--resume_from_checkpoint` (which must be a checkpoint directory), else
+    the last `checkpoint-N` in `--output_dir`; None for a fresh run (and without `--do_train`)."""
+    if not training_args.do_train:
+        return None
+    given = training_args.resume_from_checkpoint
+    if given is None:
+        if os.path.isdir(training_args.output_dir):
+            return get_last_checkpoint(training_args.output_dir)
+        return None
+    if not os.path.isdir(given):
+        what = "is a file" if os.path.exists(given) else "does not exist"
+        raise InputError(
+            f"--resume_from_checkpoint {given!r} {what}: give a checkpoint directory (OUTPUT_DIR/checkpoint-N), or "
+            "leave it out: training resumes from the last checkpoint in --output_dir by itself."
+        )
+    if not os.path.isfile(os.path.join(given, TRAINER_STATE)):
+        raise InputError(
+            f"--resume_from_checkpoint {given!r} is not a checkpoint (it has no {TRAINER_STATE}): give a "
+            "checkpoint-N directory that the Trainer saved."
+        )
+    return given
+
+
+def checkpoint_step(directory: str) -> int | None:
+    """The step a checkpoint (or a finished run's output directory) was saved at; None without its trainer state."""
+    path = os.path.join(directory, TRAINER_STATE)
+    return TrainerState.load_from_json(path).global_step if os.path.isfile(path) else None
+
+
+def resume_message(checkpoint: str, training_args: GRTrainingArguments) -> str:
+    """The line that says where training picks up, and (when found in --output_dir) how to start over instead."""
+    step = checkpoint_step(checkpoint)
+    if training_args.resume_from_checkpoint is not None:
+        return f"Resuming from {checkpoint} (step {step})"
+    out = training_args.output_dir
+    name = Path(checkpoint).name
+    return f"Resuming from {name} (step {step}) in {out}; to start over, remove {out} or pass another --output_dir"
+
+
+def check_hub_reachable(training_args: GRTrainingArguments) -> None:
+    """With `--push_to_hub`: refuse now, not after training, when offline, not logged in, or the Hub is out of
+    reach, naming the local alternative (the model is saved in --output_dir either way)."""
+    if not training_args.push_to_hub:
+        return
+    out = training_args.output_dir
+    later = (
+        f"Without --push_to_hub the trained model is saved in {out} only; upload it later with "
+        f"`hf upload {training_args.hub_model_id or 'USER/REPO'} {out}`."
+    )
+    if is_offline_mode():
+        raise InputError(f"--push_to_hub needs the Hub, but HF_HUB_OFFLINE=1 forbids reaching it. {later}")
+    try:
+        HfApi(endpoint=None).whoami(token=training_args.hub_token)
+    except LocalTokenNotFoundError as error:
+        raise InputError(
+            f"--push_to_hub needs a Hub token: log in with `hf auth login`, set HF_TOKEN or pass --hub_token. {later}"
+        ) from error
+    except HfHubHTTPError as error:
+        raise InputError(f"--push_to_hub: the Hub refused the token ({error}). {later}") from error
+    except Exception as error:  # no network, DNS, proxy, timeout: the HTTP client's own exception types
+        reason = f"{type(error).__name__}: {error}"
+        raise InputError(f"--push_to_hub: the Hub cannot be reached ({reason}). {later}") from error
+
+
+def quiet_defaults(training_args: GRTrainingArguments, model: Any) -> None:
+    """Turn off what only warns in this setting: pinned memory without an accelerator, and DDP's search for unused
+    parameters when the model uses every parameter in each forward pass (a ViT classifier; the search costs a
+    pass over the graph per step and warns on every rank when it finds nothing). Explicit flags are kept."""
+    if training_args.device.type == "cpu":
+        training_args.dataloader_pin_memory = False
+    if training_args.ddp_find_unused_parameters is None and type(model) is ViTForImageClassification:
+        training_args.ddp_find_unused_parameters = False
+
+
+def training_done(trainer: GRTrainer, checkpoint: str) -> tuple[int, int] | None:
+    """`(step reached, this run's last step)` when the run being resumed has nothing left to train (the checkpoint,
+    or a finished run's final state in --output_dir, is at or past this run's last step); None when training remains.
+    """
+    args = trainer.args
+    steps = [checkpoint_step(checkpoint) or 0]
+    if args.resume_from_checkpoint is None:  # resumed from --output_dir: its final state, when the run finished
+        steps.append(checkpoint_step(args.output_dir) or 0)
+    max_steps = trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
+    return (max(steps), max_steps) if max(steps) >= max_steps else None
 
 
 def cap_dataloader_workers(training_args: GRTrainingArguments) -> None:
@@ -275,9 +397,8 @@ def build_model_and_processor(
         return model, processor
     hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision}
     try:
-        config = AutoConfig.from_pretrained(
+        config = AutoConfig.from_pretrained(  # the number of labels follows id2label (also passing it warns)
             model_args.model_name_or_path,
-            num_labels=len(labels),
             id2label=id2label,
             label2id={label: i for i, label in id2label.items()},
             finetuning_task="image-classification",
@@ -338,26 +459,17 @@ def compute_metrics_fn() -> Any:
     return compute_metrics
 
 
-class ResumeMessage(TrainerCallback):
-    """Say where a resumed run picks up: "Resuming from checkpoint-100 (step 100 of 575)"."""
-
-    def __init__(self, checkpoint: str) -> None:
-        self.checkpoint = checkpoint
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            name = Path(self.checkpoint).name
-            logger.info("Resuming from %s (step %d of %d)", name, state.global_step, state.max_steps)
-
-
 # ---- the job ----
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train, evaluate, save (and push); returns the train and eval metrics."""
-    # Arguments: the config file, then flags; contradictions and an uncached model stop the run here.
+    # Arguments: the config file, then flags; contradictions, a missing checkpoint, an uncached model and a Hub
+    # that cannot be reached stop the run here.
     model_args, data_args, training_args = parse_args(argv)
+    checkpoint = find_checkpoint(training_args)
     check_model_available(model_args)
+    check_hub_reachable(training_args)
 
     # Logging: this script's INFO lines on the main process (--log_level sets them and the Trainer's verbosity).
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -368,6 +480,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger.info(
         "GR: λ=%s r=%s warmup=%s", training_args.gr_lambda, training_args.gr_r, training_args.gr_warmup_strategy
     )
+    if checkpoint is not None:
+        logger.info(resume_message(checkpoint, training_args))
     cap_dataloader_workers(training_args)
 
     # The dataset, its columns and labels: every input error surfaces here, before any model is built.
@@ -387,6 +501,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for split in ("validation", *test_sets):
         data.resolve_columns(raw[split], image_column, label_column)
     raw = data.decode_images(raw, image_column)
+    raw = data.check_images(raw, image_column, data_args.skip_bad_images)
     if data_args.max_train_samples is not None:
         raw["train"] = raw["train"].shuffle(seed=training_args.seed).select(range(data_args.max_train_samples))
     if data_args.max_eval_samples is not None:
@@ -401,13 +516,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if model_args.model_config is not None:
         stats = data.channel_stats(data_args.dataset_name or data_args.train_file, raw["train"], image_column)
     model, image_processor = build_model_and_processor(model_args, labels, stats)
+    quiet_defaults(training_args, model)
 
-    # Transforms, applied lazily to whole batches.
+    # Transforms, applied lazily to whole batches; they decode the stored images themselves, so that an unreadable
+    # one in a split too large to check beforehand is an error naming its file.
     image_size = int(getattr(model.config, "image_size", 32) or 32)
     augmentation = data.choose_augmentation(data_args.augmentation, data_args.dataset_name, image_size)
-    raw["train"].set_transform(data.ImageTransform(image_processor, image_column, label_column, augmentation))
-    for split in ("validation", *test_sets):
-        raw[split].set_transform(data.ImageTransform(image_processor, image_column, label_column))
+    for split in raw:
+        raw[split] = raw[split].cast_column(image_column, datasets.Image(decode=False))
+        augment = augmentation if split == "train" else None
+        raw[split].set_transform(data.ImageTransform(image_processor, image_column, label_column, augment, split))
     training_args.remove_unused_columns = False  # the transforms need the image column
 
     trainer = GRTrainer(
@@ -422,12 +540,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
 
     metrics: dict[str, float] = {}
+    if checkpoint is not None and (done := training_done(trainer, checkpoint)) is not None:
+        return finished_run(training_args, *done)
     if training_args.do_train:
-        checkpoint = training_args.resume_from_checkpoint
-        if checkpoint is None and os.path.isdir(training_args.output_dir):
-            checkpoint = get_last_checkpoint(training_args.output_dir)
-        if checkpoint is not None:
-            trainer.add_callback(ResumeMessage(checkpoint))
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
         trainer.log_metrics("train", train_result.metrics)
@@ -461,13 +576,41 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return metrics
 
 
+def finished_run(training_args: GRTrainingArguments, step: int, max_steps: int) -> dict[str, float]:
+    """A rerun of a run that has nothing left to train: say so, keep its results and model; return its metrics."""
+    out = training_args.output_dir
+    logger.info(
+        "The run in %s is complete (step %d of %d): nothing to train, its model and results are kept. To train "
+        "longer, raise --num_train_epochs or --max_steps; to start over, remove %s or pass another --output_dir.",
+        out, step, max_steps, out,
+    )  # fmt: skip
+    if training_args.push_to_hub:
+        repo = training_args.hub_model_id or "USER/REPO"
+        logger.info("Nothing pushed: upload the finished model with `hf upload %s %s`", repo, out)
+    results = os.path.join(out, "all_results.json")
+    if not os.path.isfile(results):
+        return {}
+    with open(results, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def _file_name(path: str | None) -> str | None:
     return Path(path).name if path else None
+
+
+def error_line(error: Exception) -> str:
+    """The one line printed for an `InputError`; one raised in a data-loader worker comes back wrapped in the
+    worker's traceback, whose last line is the message."""
+    message = str(error)
+    if "Original Traceback" in message:
+        last = [line for line in message.strip().splitlines() if line.strip()][-1]
+        message = last.split("InputError: ", 1)[-1]
+    return f"error: {' '.join(message.split())}"
 
 
 if __name__ == "__main__":
     try:
         main()
     except InputError as error:  # a bad argument or unusable data: one line, no traceback
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(error_line(error), file=sys.stderr)
         sys.exit(2)

@@ -57,8 +57,6 @@ def get_dataloaders(batch_size: int) -> tuple[DataLoader, DataLoader]:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train and evaluate; returns the last eval accuracy, the optimizer steps taken and the last loss."""
     args, gr_args = HfArgumentParser((LoopArguments, GRArguments)).parse_args_into_dataclasses(argv)
-    if gr_args.gr_warmup_steps is None:
-        gr_args.gr_warmup_steps = args.warmup_steps  # W = the LR warmup, as GRTrainer does
     # Without a GPU say cpu=True: only then does accelerate run torchrun's processes as DDP (over gloo).
     accelerator = Accelerator(
         cpu=args.cpu or not torch.cuda.is_available(),
@@ -79,8 +77,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps * n, steps_per_epoch * args.epochs * n)
     scheduler = accelerator.prepare(scheduler)
 
-    # GR: the regularizer wraps the backward pass; its step counter (the warmup's t) is saved with the state.
-    regularizer = GradientRegularizer(model, accelerator, gr_args)
+    # GR: the regularizer wraps the backward pass. The warmup's t is the scheduler's step count and W its warmup
+    # (unless --gr_warmup_steps is given), as in GRTrainer; its step counter is saved with the state.
+    regularizer = GradientRegularizer(model, accelerator, gr_args, lr_scheduler=scheduler)
     accelerator.register_for_checkpointing(regularizer)
     first_epoch = 0
     if args.resume_from_checkpoint:
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         accuracy = correct / total
         step = regularizer.completed_steps
         accelerator.print(f"epoch {epoch}: loss {loss.item():.4f}, eval accuracy {accuracy:.3f}, optimizer steps "
-                          f"{step}, next λ_t {regularizer.plan(step).gr_lambda:g}")  # fmt: skip
+                          f"{step}, warmup step {regularizer.warmup_step}")  # fmt: skip
         if args.checkpoint_dir:
             accelerator.save_state(os.path.join(args.checkpoint_dir, f"epoch_{epoch}"))
 

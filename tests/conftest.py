@@ -5,8 +5,11 @@ from pathlib import Path
 
 import torch
 
-# The training recipe and the benchmark live beside the scripts that use them (scripts/), not in the library.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+# The recipe's modules (scripts/), the benchmark's (scripts/benchmarks/) and the GPU check's (scripts/gpu_check/) live
+# beside the scripts that use them, not in the library; the tests import them from there.
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+for _folder in (SCRIPTS / "gpu_check", SCRIPTS / "benchmarks", SCRIPTS):
+    sys.path.insert(0, str(_folder))
 
 # One thread: the tests' models are tiny, and on a shared 2-core machine two OpenMP threads competing with
 # other processes made steps up to 15x slower.

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import Dataset, SequentialSampler
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, TrainerCallback
 
 from hf_gr import GRTrainer, GRTrainingArguments
 
@@ -139,6 +145,25 @@ def params_of(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+class StepUpdates(TrainerCallback):
+    """Records the parameters before and after each optimizer step: with plain SGD (no momentum, weight decay or
+    clipping) at learning rate lr, (before − after)/lr is the gradient the step applied."""
+
+    def __init__(self) -> None:
+        self.before: list[list[torch.Tensor]] = []
+        self.after: list[list[torch.Tensor]] = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.before.append(params_of(model))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.after.append(params_of(model))
+
+    def applied(self, lr: float) -> list[list[torch.Tensor]]:
+        """The gradient each step applied."""
+        return [[(b - a) / lr for a, b in zip(after, before)] for before, after in zip(self.before, self.after)]
+
+
 def max_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     num = torch.sqrt(sum(((a.double() - b.double()) ** 2).sum() for a, b in zip(got, want)))
     den = torch.sqrt(sum((b.double() ** 2).sum() for b in want))
@@ -160,3 +185,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_torchrun(script: Path, out: Path, *args: object, nproc: int = 2, timeout: int = 600) -> Any:
+    """Run `script out *args` in `nproc` processes (torchrun, gloo, offline, one thread each) and load what it saved
+    to `out`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), str(script), str(out), *map(str, args)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+class GRLogLines(logging.Handler):
+    """Collects what `hf_gr.trainer` logs at INFO and above while in a `with` block (`.lines`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self._logger = logging.getLogger("hf_gr.trainer")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> GRLogLines:
+        self._level = self._logger.level
+        self._logger.setLevel(logging.INFO)
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)

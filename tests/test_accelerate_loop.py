@@ -11,21 +11,23 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from transformers import PretrainedConfig, get_constant_schedule
 
-from hf_gr import GradientRegularizer, GRArguments
+from hf_gr import GradientRegularizer, GRArguments, schedule
 
 from gr_testing import (
     DictDataset,
     SequentialGRTrainer,
     TinyNet,
-    free_port,
     grad_at,
     grads_of,
     make_args,
     max_rel_err,
     params_of,
     reference_gr_grad,
+    run_torchrun,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +109,7 @@ def test_accumulate_and_warmup_match_reference(strategy, warmup, accumulation):
     for batch in dataloader:
         with accelerator.accumulate(model):
             if accelerator.sync_gradients:  # the step's last micro-batch: read its plan before it advances
-                lambdas.append(regularizer.plan(regularizer.completed_steps).gr_lambda)
+                lambdas.append(regularizer._plan(regularizer.completed_steps).gr_lambda)
             regularizer.backward(loss_fn(model, batch))
             optimizer.step()
             optimizer.zero_grad()
@@ -150,6 +152,108 @@ def test_loop_takes_the_trainers_steps(tmp_path, modes):
         if regularizer.completed_steps == 6:
             break
     assert all(torch.equal(a, b) for a, b in zip(params_of(model), params_of(trained)))
+
+
+class _LinearRegression(nn.Module):
+    """ŷ = w·x in float64, L = ½·mean((ŷ − y)²): ∇L = Xᵀ(Xw − y)/n and H = XᵀX/n, so GR's two passes are exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Linear(3, 1, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            self.w.weight.copy_(torch.tensor([[0.3, -0.2, 0.1]], dtype=torch.float64))
+        self.config = PretrainedConfig()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        prediction = self.w(x).squeeze(-1)
+        out = {"logits": prediction}
+        if labels is not None:
+            out["loss"] = 0.5 * ((prediction - labels) ** 2).mean()
+        return out
+
+
+class _Rows(Dataset):
+    def __init__(self, n: int = 40) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        self.labels = self.x @ torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64) + 0.3 * torch.randn(
+            n, generator=g, dtype=torch.float64
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.labels[i]}
+
+
+WARMUP_W, WARMUP_STEPS, WARMUP_BATCH = 3, 5, 4
+
+
+def _lambda_warmup_by_hand() -> torch.Tensor:
+    """w after 5 SGD steps (accumulation 2) of λ-warmup GR, written out: λ_t = λ·min(1, t/W); per micro-batch j (loss
+    divided by 2), g_j = (g1 + λ_t·H·g1/‖g1‖)/2 with g1 = Xᵀ(Xw − y)/n, H = XᵀX/n (g1 + α·(g2 − g1) with α = λ_t/r
+    and g2 = g1 + H·r·g1/‖g1‖: the finite difference is exact on a quadratic)."""
+    data, w = _Rows(), torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    for t in range(WARMUP_STEPS):
+        lambda_t = LAMBDA * min(1.0, t / WARMUP_W)
+        update = torch.zeros(3, dtype=torch.float64)
+        for j in range(2):
+            rows = slice((2 * t + j) * WARMUP_BATCH, (2 * t + j + 1) * WARMUP_BATCH)
+            x, y = data.x[rows], data.labels[rows]
+            g1 = x.T @ (x @ w - y) / len(y)
+            update += (g1 + lambda_t * (x.T @ x / len(y)) @ g1 / g1.norm()) / 2
+        w = w - LR * update
+    return w
+
+
+def _lambda_warmup_run(loop: str, tmp_path) -> torch.Tensor:
+    """w after the same 5 steps through GRTrainer, a custom Accelerate loop, or a plain PyTorch loop."""
+    gr = dict(gr_lambda=LAMBDA, gr_r=R, gr_warmup_strategy="lambda", gr_warmup_steps=WARMUP_W)
+    model = _LinearRegression()
+    if loop == "trainer":
+        args = make_args(tmp_path, per_device_train_batch_size=WARMUP_BATCH, gradient_accumulation_steps=2,
+                         max_steps=WARMUP_STEPS, optim="sgd", learning_rate=LR, lr_scheduler_type="constant",
+                         weight_decay=0.0, max_grad_norm=0.0, **gr)  # fmt: skip
+        SequentialGRTrainer(model=model, args=args, train_dataset=_Rows()).train()
+        return model.w.weight.detach().reshape(-1)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2) if loop == "accelerate" else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    dataloader = DataLoader(_Rows(), batch_size=WARMUP_BATCH)
+    if accelerator is not None:
+        model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+        regularizer = GradientRegularizer(model, accelerator, GRArguments(**gr))
+    else:
+        regularizer = GradientRegularizer(model, args=GRArguments(**gr), gradient_accumulation_steps=2)
+    for i, batch in enumerate(dataloader):
+        if accelerator is not None:
+            with accelerator.accumulate(model):
+                regularizer.backward(loss_fn(model, batch))
+                optimizer.step()
+                optimizer.zero_grad()
+        else:
+            regularizer.backward(lambda batch=batch: model(**batch)["loss"] / 2)
+            if i % 2 == 1:
+                optimizer.step()
+                optimizer.zero_grad()
+        if regularizer.completed_steps == WARMUP_STEPS:
+            break
+    return model.w.weight.detach().reshape(-1).clone()
+
+
+@pytest.mark.parametrize("loop", ["trainer", "accelerate", "plain"])
+def test_lambda_warmup_matches_a_hand_computation(tmp_path, loop):
+    """The λ-warmup's wiring (λ_t at each step, from the LR schedule's count) against SGD written out in float64."""
+    got, want = _lambda_warmup_run(loop, tmp_path), _lambda_warmup_by_hand()
+    assert torch.allclose(got, want, rtol=1e-12, atol=0.0), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("loop", ["trainer", "accelerate", "plain"])
+def test_the_hand_computation_catches_an_ignored_warmup(tmp_path, monkeypatch, loop):
+    """With the warmup ignored (f(t) = 1: full λ from the first step) the same run is far from the hand computation."""
+    monkeypatch.setattr(schedule, "warmup_fraction", lambda step, warmup_steps: 1.0)
+    got, want = _lambda_warmup_run(loop, tmp_path), _lambda_warmup_by_hand()
+    assert (got - want).abs().max() > 1e-4 * want.abs().max()
 
 
 def test_warmup_without_its_length_is_refused():
@@ -240,18 +344,15 @@ def test_example_script_under_accelerate_launch():
 def ddp_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("accelerate_ddp")
     out = tmp / "results.pt"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(Path(__file__).parent / "distributed" / "accelerate_loop_runs.py"),
-           str(out), str(tmp)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = torch.load(out)
+    results = run_torchrun(Path(__file__).parent / "distributed" / "accelerate_loop_runs.py", out, tmp, timeout=300)
     results["script_per_rank"] = [torch.load(f"{out}.script_rank{rank}") for rank in range(2)]
     return results
 
 
-@pytest.mark.parametrize("setting, forwards", [("ga1", 6), ("ga2", 12), ("ga2_zero_warmup", 10), ("ga2_plain", 6)])
+@pytest.mark.parametrize(
+    "setting, forwards",
+    [("ga1", 6), ("ga2", 12), ("ga2_zero_warmup", 10), ("ga2_plain", 6), ("ga2_zero_warmup_scheduler", 8)],
+)
 def test_ddp_loop_matches_the_trainer(ddp_results, setting, forwards):
     result = ddp_results[setting]
     assert ddp_results["world_size"] == 2 and result["steps"] == 3
@@ -270,15 +371,19 @@ def test_example_script_under_torchrun(ddp_results):
     assert rank0["eval_accuracy"] == rank1["eval_accuracy"] > 0.5  # evaluated on the gathered predictions
 
 
-def test_warmup_follows_the_lr_schedule_when_the_fp16_scaler_skips_a_step():
-    """A step the scaler skips moves neither the LR schedule nor the GR warmup (as in GRTrainer)."""
+@pytest.mark.parametrize("with_scheduler", [False, True])
+def test_warmup_follows_the_lr_schedule_when_the_fp16_scaler_skips_a_step(with_scheduler):
+    """A step the scaler skips moves neither the LR schedule nor the GR warmup (as in GRTrainer), counted by the
+    regularizer or read from the prepared scheduler (which does not step then)."""
     accelerator = Accelerator(cpu=True)
     accelerator.native_amp = True  # accelerate makes no GradScaler on CPU; torch's CPU one drives the same path
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     model = TinyNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model, optimizer = accelerator.prepare(model, optimizer)
-    regularizer = GradientRegularizer(model, accelerator, GRArguments(gr_warmup_strategy="zero", gr_warmup_steps=3))
+    scheduler = accelerator.prepare(get_constant_schedule(optimizer)) if with_scheduler else None
+    args = GRArguments(gr_warmup_strategy="zero", gr_warmup_steps=3)
+    regularizer = GradientRegularizer(model, accelerator, args, lr_scheduler=scheduler)
     data = DictDataset(64)
     passes = []
     for step in range(6):
@@ -292,7 +397,9 @@ def test_warmup_follows_the_lr_schedule_when_the_fp16_scaler_skips_a_step():
         regularizer.backward(loss)
         passes.append(model.forward_calls - before)
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         optimizer.zero_grad()
     assert accelerator.scaler.get_scale() == 2.0**9  # step 1 was skipped
     assert passes == [1, 1, 1, 1, 2, 2]  # GR from step 4 = LR-schedule step 3, not from step 3
-    assert regularizer.state_dict()["warmup_step"] == 5 and regularizer.completed_steps == 6
+    assert regularizer.warmup_step == 5 and regularizer.completed_steps == 6

@@ -27,6 +27,10 @@ REQUIRED_KEYS = (
     "gr_reuse4_over_plain",
     "gr_p05_over_peer_sam",
     "gr_p05_gr_fraction",
+    "gr_ascent25_over_plain",
+    "gr_ascent25_over_peer_sam",
+    "gr_ascent25_p05_over_plain",
+    "gr_ascent25_p05_over_plain_at_p",
     "overhead_fraction",
     "extra_bytes_over_param_bytes",
     "extra_bytes_over_param_bytes_a05",
@@ -63,8 +67,11 @@ def test_steps_follow_the_plan_of_each_optimizer_step(results) -> None:
     assert results["gr_interval4_gr_fraction"] == results["gr_reuse4_gr_fraction"] == 0.25
     assert results["gr_a1_gr_fraction"] == results["exact_gr_fraction"] == 1.0
     assert results["zero_gr_fraction"] == results["plain_gr_fraction"] == 0.0
+    assert results["gr_ascent25_gr_fraction"] == 1.0
+    assert results["gr_ascent25_p05_gr_fraction"] == results["gr_p05_gr_fraction"]  # the same draws
     # The timed parent step is one pass: two per GR micro-batch, one otherwise.
-    passes = {"plain": 1, "gr_a1": 2, "zero": 1, "exact": 1, "peer_sam": 2, "gr_ga2": 4, "gr_interval4": 1.25}
+    passes = {"plain": 1, "gr_a1": 2, "zero": 1, "exact": 1, "peer_sam": 2, "gr_ga2": 4, "gr_interval4": 1.25,
+              "gr_ascent25": 2}  # fmt: skip
     for name, count in passes.items():
         assert results[f"{name}_passes_per_step"] == count, name
     assert results["gr_p05_passes_per_step"] == 1 + results["gr_p05_gr_fraction"]

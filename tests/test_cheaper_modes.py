@@ -140,9 +140,11 @@ def test_reuse_without_a_direction_is_a_plain_step():
     assert float(rho) == 0.0 and torch.equal(kept, torch.zeros(2))
 
 
-def test_reuse_training_equals_a_simulation(tmp_path):
+@pytest.mark.parametrize("gr_lambda", [0.2, 0.1], ids=["alpha1", "alpha0.5"])
+def test_reuse_training_equals_a_simulation(tmp_path, gr_lambda):
+    """At α ≠ 1 the kept correction is that of the α-weighted GR gradient, c = g_GR − g1 = α·(g2 − g1)."""
     model, data = TinyNet(), DictDataset(64)
-    args = _sgd_args(tmp_path, max_steps=6, gr_interval=3, gr_reuse=True, gr_lambda=0.2, gr_r=0.2)
+    args = _sgd_args(tmp_path, max_steps=6, gr_interval=3, gr_reuse=True, gr_lambda=gr_lambda, gr_r=0.2)
     trainer = SequentialGRTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
     assert _kinds(trainer) == ["gr", "reuse", "reuse", "gr", "reuse", "reuse"]
@@ -154,7 +156,7 @@ def test_reuse_training_equals_a_simulation(tmp_path):
         params = {n: p.detach() for n, p in reference.named_parameters()}
         g = grad_at(reference, params, batch)
         if t % 3 == 0:
-            g_gr = reference_gr_grad(reference, batch, 0.2, 0.2)
+            g_gr = reference_gr_grad(reference, batch, gr_lambda, 0.2)
             u, rho = reference_reuse_direction(g_gr, g)
             g = g_gr
         else:
@@ -184,20 +186,31 @@ def test_reuse_before_the_first_gr_step_is_plain(tmp_path):
 # ---- resume ----
 
 
-@pytest.mark.parametrize("modes", [dict(gr_probability=0.5), dict(gr_interval=3, gr_reuse=True)], ids=["p", "reuse"])
-def test_resume_mid_cycle_is_bit_identical(tmp_path, modes):
-    def run(output_dir, resume=None):
-        args = make_args(
-            tmp_path, output_dir=str(output_dir), max_steps=10, optim="adamw_torch", learning_rate=1e-2,
-            save_strategy="steps", save_steps=4, logging_steps=1, **modes,
-        )  # fmt: skip
-        model = TinyNet(dropout=0.2)
-        trainer = GRTrainer(model=model, args=args, train_dataset=DictDataset(64))
-        trainer.train(resume_from_checkpoint=resume)
-        return model, trainer
+REUSE_MODES = dict(gr_interval=3, gr_reuse=True)
 
-    full, full_trainer = run(tmp_path / "full")
-    resumed, resumed_trainer = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-4"))
+
+def _resume_run(tmp_path, output_dir, modes, resume=None, as_path=False):
+    """10 steps with AdamW and dropout, saving every 4 steps; resumed from `resume` when given (a `pathlib.Path`
+    with `as_path`, else a str)."""
+    args = make_args(
+        tmp_path, output_dir=str(output_dir), max_steps=10, optim="adamw_torch", learning_rate=1e-2,
+        save_strategy="steps", save_steps=4, logging_steps=1, **modes,
+    )  # fmt: skip
+    model = TinyNet(dropout=0.2)
+    trainer = GRTrainer(model=model, args=args, train_dataset=DictDataset(64))
+    trainer.train(resume_from_checkpoint=None if resume is None else resume if as_path else str(resume))
+    return model, trainer
+
+
+@pytest.mark.parametrize(
+    "modes, as_path", [(dict(gr_probability=0.5), False), (REUSE_MODES, False), (REUSE_MODES, True)],
+    ids=["p", "reuse", "reuse-pathlib"],
+)
+def test_resume_mid_cycle_is_bit_identical(tmp_path, modes, as_path):
+    full, full_trainer = _resume_run(tmp_path, tmp_path / "full", modes)
+    resumed, resumed_trainer = _resume_run(
+        tmp_path, tmp_path / "resumed", modes, tmp_path / "full" / "checkpoint-4", as_path=as_path
+    )
     assert all(torch.equal(a, b) for a, b in zip(params_of(full), params_of(resumed)))
     assert _kinds(resumed_trainer) == _kinds(full_trainer)
     if modes.get("gr_reuse"):  # step 4 is a reuse step: it needs the u and ρ saved at step 3's checkpoint
@@ -206,20 +219,14 @@ def test_resume_mid_cycle_is_bit_identical(tmp_path, modes):
 
 
 def test_resume_without_the_saved_direction_differs(tmp_path):
-    """The negative control of the reuse resume test: a checkpoint without gr_state.pt does not continue exactly."""
-
-    def run(output_dir, resume=None):
-        args = make_args(
-            tmp_path, output_dir=str(output_dir), max_steps=6, optim="sgd", learning_rate=0.5, save_strategy="steps",
-            save_steps=4, gr_interval=3, gr_reuse=True,
-        )  # fmt: skip
-        model = TinyNet()
-        GRTrainer(model=model, args=args, train_dataset=DictDataset(64)).train(resume_from_checkpoint=resume)
-        return model
-
-    full = run(tmp_path / "full")
+    """The negative control of `test_resume_mid_cycle_is_bit_identical[reuse]`: the same runs, with only gr_state.pt
+    removed from the checkpoint, take the same kinds of steps but do not continue exactly."""
+    full, full_trainer = _resume_run(tmp_path, tmp_path / "full", REUSE_MODES)
     (tmp_path / "full" / "checkpoint-4" / "gr_state.pt").unlink()
-    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-4"))
+    resumed, resumed_trainer = _resume_run(
+        tmp_path, tmp_path / "resumed", REUSE_MODES, tmp_path / "full" / "checkpoint-4"
+    )
+    assert _kinds(resumed_trainer) == _kinds(full_trainer)
     assert not all(torch.equal(a, b) for a, b in zip(params_of(full), params_of(resumed)))
 
 

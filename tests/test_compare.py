@@ -249,3 +249,10 @@ def test_test_files_are_name_equals_path(tmp_path):
     for bad in ("d.parquet", "eval=x.parquet", "my-set=x.parquet"):
         with pytest.raises(image_data.InputError, match="--test_files takes 'name=path'"):
             image_data.load_test_sets([bad])
+
+
+def test_a_gr_step_with_sub_batch_ascent_counts_one_plus_f_passes():
+    """Pass 1 of a `gr_ascent_fraction` f step sees a fraction f of the batch: the step costs 1 + f passes."""
+    assert compare.ascent_fraction({}) == 1.0
+    assert compare.ascent_fraction({"gr_ascent_fraction": 0.25}) == 0.25
+    assert compare.ascent_fraction({"gr_ascent_fraction": None}) == 1.0

@@ -225,4 +225,5 @@ def test_metrics_are_averaged_into_the_next_log_and_kept_as_running_sums(tmp_pat
     args = make_args(tmp_path, max_steps=30, logging_strategy="no")
     trainer = GRTrainer(model=TinyNet(), args=args, train_dataset=DictDataset(64))
     trainer.train()
-    assert trainer.gr_metrics.counts == {"gr_step_fraction": 30, "gr_reuse_fraction": 30}  # no list per step
+    counts = {"gr_step_fraction": 30, "gr_reuse_fraction": 30, "gr_sharpness": 30}
+    assert trainer.gr_metrics.counts == counts  # running sums: no list per step

@@ -1,8 +1,5 @@
 """GR over real DDP processes (torchrun, gloo) against single-process references, and collective counts."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,12 +10,12 @@ from hf_gr import GRTrainer
 from gr_testing import (
     DictDataset,
     TinyNet,
-    free_port,
     grad_at,
     make_args,
     max_rel_err,
     reference_gr_grad,
     reference_reuse_direction,
+    run_torchrun,
 )
 
 WORLD, BATCH, STEPS, LR, LAMBDA, R = 2, 4, 3, 0.5, 0.05, 0.1
@@ -29,12 +26,7 @@ SCRIPT = Path(__file__).parent / "distributed" / "ddp_gr_runs.py"
 def ddp_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     out = tmp / "results.pt"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD)]
-    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), str(out), str(tmp)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out)
+    return run_torchrun(SCRIPT, out, tmp, nproc=WORLD, timeout=300)
 
 
 def _reference(
@@ -208,3 +200,17 @@ def test_fsdp2_through_accelerate_is_accepted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GRTrainer, "create_accelerator_and_postprocess", pretend)
     GRTrainer(model=TinyNet(), args=make_args(tmp_path))  # no error: the FSDP2 step is supported
+
+
+@pytest.mark.parametrize(
+    "run, line",
+    [("gr_ga1", "GR: DDP over 2 processes, perturbation per replica (each replica's own g1)."),
+     ("gr_sync", "GR: DDP over 2 processes, perturbation synced (the replica-mean g1, gr_sync_perturbation).")],
+)  # fmt: skip
+def test_train_start_says_ddp_and_where_the_perturbation_comes_from(ddp_results, run, line):
+    assert [entry for entry in ddp_results[run]["gr_log"] if entry.startswith("GR: ")] == [line]
+
+
+def test_fsdp_asked_for_on_cpu_warns_that_the_run_is_ddp(ddp_results):
+    (warning,) = ddp_results["fsdp_on_cpu_log"]
+    assert warning.startswith("FSDP was asked for (fsdp in the arguments) but the run is DDP over 2 processes")

@@ -1,7 +1,5 @@
 """GR under FSDP2 over real processes (torchrun, gloo): against single-process references, with collectives counted."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from gr_testing import free_port, max_rel_err, reference_reuse_direction
+from gr_testing import max_rel_err, reference_reuse_direction, run_torchrun
 
 WORLD, BATCH, STEPS, LR, R = 2, 4, 3, 0.5, 0.1
 SCRIPT = Path(__file__).parent / "distributed" / "fsdp2_gr_runs.py"
@@ -33,12 +31,7 @@ def fsdp_results(tmp_path_factory):
     llama = tmp / "llama"
     _tiny_llama().save_pretrained(llama)
     out = tmp / "results.pt"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), str(out), str(llama), str(tmp)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out, weights_only=False), llama
+    return run_torchrun(SCRIPT, out, llama, tmp, nproc=WORLD), llama
 
 
 def _gr_grad(model, params: dict, loss_fn, alpha: float) -> list[torch.Tensor]:
@@ -139,6 +132,34 @@ def test_fsdp_bf16_mixed_precision(fsdp_results):
     assert _err(gr["params"], want) < _err(plain["params"], want) / 3  # and closer to GR than plain training is
 
 
+def test_fsdp_diagnostics_reduce_on_the_parameters_device(fsdp_results):
+    """‖g1‖, ‖g2‖ and cos(g1, g2) of the full batch, summed over ranks on the parameters' device: an NCCL-only
+    process group cannot all-reduce a CPU tensor. On CPU (gloo) the devices agree anyway, so the run also counts
+    `Tensor.cpu` calls in the step: none."""
+    results, _ = fsdp_results
+    run = results["gr_diagnostics"]
+    assert run["all_reduce_devices"] and set(run["all_reduce_devices"]) == {run["param_device"]}
+    assert run["cpu_calls"] == 0
+    model = TinyMLP()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = mlp_data(1)
+
+    def grad(at):
+        leaves = {n: p.clone().requires_grad_(True) for n, p in at.items()}
+        loss = F.mse_loss(functional_call(model, leaves, args=(x[0],)), y[0])
+        return torch.autograd.grad(loss, list(leaves.values()))
+
+    g1 = grad(params)
+    n1 = torch.sqrt(sum((g.double() ** 2).sum() for g in g1))
+    g2 = grad({n: p + (R / n1).float() * g for (n, p), g in zip(params.items(), g1)})
+    n2 = torch.sqrt(sum((g.double() ** 2).sum() for g in g2))
+    cosine = sum((a.double() * b.double()).sum() for a, b in zip(g1, g2)) / (n1 * n2)
+    got = run["metrics"]
+    assert got["gr_grad_norm"] == pytest.approx([float(n1)], rel=1e-5)
+    assert got["gr_perturbed_grad_norm"] == pytest.approx([float(n2)], rel=1e-5)
+    assert got["gr_cosine"] == pytest.approx([float(cosine)], rel=1e-5)
+
+
 def _llama_reference(path, accumulation: int, gr_lambda: float) -> dict:
     from transformers import LlamaForCausalLM
 
@@ -179,3 +200,10 @@ def test_grtrainer_under_fsdp2_collectives(fsdp_results):
     assert gr["reduce_scatter_single"] == 2 * plain["reduce_scatter_single"]
     assert gr["all_gather_single"] == 2 * plain["all_gather_single"]
     assert gr.get("all_reduce", 0) - plain.get("all_reduce", 0) == 2  # one scalar all-reduce per GR micro-batch
+
+
+def test_grtrainer_under_fsdp2_says_so_at_train_start(fsdp_results):
+    results, _ = fsdp_results
+    assert [line for line in results["trainer_gr_ga1"]["gr_log"] if line.startswith("GR: ")] == [
+        "GR: FSDP2 over 2 processes, perturbation synced (FSDP2 reduces g1 across replicas)."
+    ]

@@ -10,8 +10,10 @@ from hf_gr import GRTrainer, gradient
 from gr_testing import (
     DictDataset,
     SequentialGRTrainer,
+    StepUpdates,
     TinyNet,
     exact_gr_grad,
+    grad_at,
     grads_of,
     make_args,
     max_rel_err,
@@ -21,6 +23,7 @@ from gr_testing import (
 )
 
 
+@pytest.mark.filterwarnings("ignore:gr_lambda/gr_r = α")  # α = 2.5 on purpose
 @pytest.mark.parametrize("gr_lambda", [0.05, 0.1, 0.25])  # α = 0.5, 1 (SAM), 2.5
 def test_two_pass_gradient_matches_reference(tmp_path, gr_lambda):
     model = TinyNet(dropout=0.3)
@@ -204,27 +207,52 @@ def test_non_finite_first_pass_leaves_a_non_finite_gradient(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(params_of(model), before))
 
 
-def test_bf16_autocast_trains_a_tiny_vit(tmp_path):
+class _PixelsAsX(torch.nn.Module):
+    """A ViT called as the reference helpers call models: `model(x=pixels)` → {"logits"}."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        return {"logits": self.vit(pixel_values=x).logits}
+
+
+def test_bf16_autocast_vit_steps_apply_the_gr_gradient(tmp_path):
+    """Each bf16-autocast step of a tiny ViT applies the GR gradient of a float64 reference (no autocast, from the
+    parameters the step started from) within bf16's precision, and the plain gradient is far outside it (α = 2)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
         image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=32, num_labels=2,
     )  # fmt: skip
+    torch.manual_seed(0)
     model = ViTForImageClassification(config)
     g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 2, (64,), generator=g)
-    pixels = torch.randn(64, 1, 8, 8, generator=g) * 0.3 + (2.0 * labels[:, None, None, None] - 1.0)
+    labels = torch.randint(0, 2, (48,), generator=g)
+    pixels = torch.randn(48, 1, 8, 8, generator=g) * 0.3 + (2.0 * labels[:, None, None, None] - 1.0)
     data = [{"pixel_values": p, "labels": y} for p, y in zip(pixels, labels)]
     args = make_args(
-        tmp_path, bf16=True, max_steps=40, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=5,
-        per_device_train_batch_size=16,
+        tmp_path, bf16=True, max_steps=3, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant",
+        max_grad_norm=0.0, per_device_train_batch_size=16, gr_lambda=2.0, gr_r=1.0,
     )  # fmt: skip
-    trainer = GRTrainer(model=model, args=args, train_dataset=data)
+    updates = StepUpdates()
+    trainer = SequentialGRTrainer(model=model, args=args, train_dataset=data, callbacks=[updates])
     trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert trainer.accelerator.mixed_precision == "bf16"
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert len(updates.before) == 3
+    tolerance = 3e-2  # measured: at most 1e-2
+    for t, (before, applied) in enumerate(zip(updates.before, updates.applied(1.0))):
+        reference = _PixelsAsX(ViTForImageClassification(config)).double()
+        with torch.no_grad():
+            for p, value in zip(reference.parameters(), before):
+                p.copy_(value)
+        batch = {"x": pixels[16 * t : 16 * t + 16].double(), "labels": labels[16 * t : 16 * t + 16]}
+        want = reference_gr_grad(reference, batch, 2.0, 1.0)
+        plain = grad_at(reference, dict(reference.named_parameters()), batch)
+        assert max_rel_err(plain, want) > 10 * tolerance  # the comparison below can fail
+        assert max_rel_err(applied, want) < tolerance, t
 
 
 class _OwnLossTrainer(GRTrainer):

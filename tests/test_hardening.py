@@ -13,6 +13,7 @@ from gpu_check_lib import attach_cpu_scaler
 from gr_testing import (
     DictDataset,
     SequentialGRTrainer,
+    StepUpdates,
     TinyNet,
     grad_at,
     grads_of,
@@ -27,16 +28,29 @@ from gr_testing import (
 
 
 def test_changing_gr_lambda_after_construction_takes_effect(tmp_path):
-    """`hyperparameter_search` sets trial values on `trainer.args` after __init__; λ = 0 must mean one pass."""
-    model = TinyNet()
-    trainer = GRTrainer(model=model, args=make_args(tmp_path, max_steps=3), train_dataset=DictDataset(64))
-    trainer.args.gr_lambda = 0.0
+    """`hyperparameter_search` sets trial values on `trainer.args` after __init__: every step applies the new λ."""
+    model, data, updates = TinyNet(), DictDataset(64), StepUpdates()
+    args = make_args(tmp_path, max_steps=3, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant",
+                     max_grad_norm=0.0, gr_lambda=0.05)  # fmt: skip
+    trainer = SequentialGRTrainer(model=model, args=args, train_dataset=data, callbacks=[updates])
+    trainer.args.gr_lambda = 0.0  # plain steps, one pass each
     trainer.train()
     assert model.forward_calls == 3
-    trainer.args.gr_lambda = 0.1
-    trainer.args.max_steps = 5
+    trainer.args.gr_lambda, trainer.args.max_steps = 0.25, 2  # α = 2.5, not the 0.5 it was built with
     trainer.train()
-    assert model.forward_calls == 3 + 2 * 5
+    assert model.forward_calls == 3 + 2 * 2
+    assert len(updates.before) == 5
+    for t, (before, applied) in enumerate(zip(updates.before, updates.applied(1.0))):
+        reference = TinyNet()
+        with torch.no_grad():
+            for p, value in zip(reference.parameters(), before):
+                p.copy_(value)
+        batch = data.batch(8 * (t if t < 3 else t - 3), 8)  # each `train()` reads the data from the start
+        if t < 3:
+            want = grad_at(reference, dict(reference.named_parameters()), batch)
+        else:
+            want = reference_gr_grad(reference, batch, 0.25, 0.1)
+        assert max_rel_err(applied, want) < 1e-5, t
 
 
 # ---- a raise in pass 2 loses nothing ----
@@ -85,45 +99,56 @@ def test_raise_in_a_pass_keeps_the_accumulated_gradient_exactly(tmp_path, where)
 # ---- half-precision weights at any α ----
 
 
-def _scaled_loss(scale: float):
-    def loss(outputs, labels, num_items_in_batch=None):
-        return F.cross_entropy(outputs["logits"].float(), labels) * scale
+class _HalfQuadratic(torch.nn.Module):
+    """L(θ) = ⟨x̄, θ⟩ + ½·Σ h_i·θ_i², evaluated in float32 from half-precision θ = (w, b), at θ = 0.
 
-    return loss
+    Its GR gradient has a closed form: g1 = x̄, g2 = x̄ + r·h⊙x̄/‖x̄‖, g = x̄ + α·r·h⊙x̄/‖x̄‖.
+    """
+
+    def __init__(self, curvature: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4, 4, dtype=dtype))
+        self.b = torch.nn.Parameter(torch.zeros(16, dtype=dtype))
+        self.register_buffer("curvature", curvature)
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig()
+
+    def forward(self, x, labels=None):
+        theta = torch.cat([self.w.flatten(), self.b]).float()
+        return {"loss": (x * theta).sum(-1).mean() + 0.5 * (self.curvature * theta**2).sum()}
 
 
+@pytest.mark.filterwarnings("ignore:gr_lambda/gr_r = α")  # α = 2.5 on purpose
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("alpha", [1e-8, 1e-5, 1e-2, 0.5, 1.0, 2.5])
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_half_precision_weights_at_any_alpha_match_a_float64_reference(tmp_path, dtype, alpha, accumulation):
-    """No intermediate leaves the gradient's range: |g| ≈ 1e3 here, so 1/α scaling would overflow fp16."""
-    model = TinyNet().to(dtype)
-    data = DictDataset(32, dtype=torch.float32)
-    r = 0.1
-    trainer = GRTrainer(
-        model=model, args=make_args(tmp_path, gr_lambda=alpha * r, gr_r=r), compute_loss_func=_scaled_loss(2e3)
-    )
+    """At every α the GR term α·(g2 − g1) is about as large as g1 (g2 − g1 ≈ g1/α): it is resolvable in half
+    precision, so a plain gradient (or any other α) misses by its whole size. g2 reaches ~2e4, near fp16's range."""
+    r, n = 0.1, 32
+    g = torch.Generator().manual_seed(0)
+    g1_norm = min(1e3, 1e5 * alpha)  # g2 ≈ g1/α stays below ~2e4 per entry
+    curvature = (0.5 + torch.rand(n, generator=g)) * g1_norm / (alpha * r)  # α·r·h/‖g1‖ ≈ 1: not parallel to g1
+    model = _HalfQuadratic(curvature, dtype)
+    trainer = GRTrainer(model=model, args=make_args(tmp_path, gr_lambda=alpha * r, gr_r=r))
     trainer.current_gradient_accumulation_steps = 1
-    batches = [{k: v.to(dtype) if v.is_floating_point() else v for k, v in data.batch(8 * i, 8).items()}
-               for i in range(accumulation)]  # fmt: skip
+    batches = []
+    for _ in range(accumulation):
+        mean = torch.randn(n, generator=g, dtype=torch.float64)
+        mean = (mean * g1_norm / mean.norm()).to(dtype).double()  # x̄, exactly representable in `dtype`
+        batches.append({"x": (mean + torch.tensor([[1.0], [-1.0]], dtype=torch.float64) * mean.flip(0)).float()})
     for batch in batches:
         trainer.training_step(model, batch)
-    got = grads_of(model)
-    assert all(torch.isfinite(g).all() for g in got)
+    got = torch.cat([model.w.grad.flatten(), model.b.grad])
+    assert got.dtype == dtype and torch.isfinite(got).all()
 
-    reference = TinyNet().double()
-    reference.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
-
-    def loss_fn(out, b):
-        return F.cross_entropy(out["logits"], b["labels"]) * 2e3
-
-    want = None
-    for batch in batches:
-        b = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
-        g = reference_gr_grad(reference, b, alpha * r, r, loss_fn=loss_fn)
-        want = g if want is None else [a + x for a, x in zip(want, g)]
-    tolerance = 2e-2 if dtype == torch.bfloat16 else 5e-3
-    assert max_rel_err(got, want) < tolerance * max(1.0, alpha)
+    h = curvature.double()
+    plain = sum(b["x"].double().mean(0) for b in batches)
+    want = sum(x + alpha * r * h * x / x.norm() for x in (b["x"].double().mean(0) for b in batches))
+    assert float((want - plain).norm() / plain.norm()) > 0.3  # the GR term is not lost in rounding
+    tolerance = 0.05 if dtype == torch.bfloat16 else 0.01
+    assert float((got.double() - want).norm() / (want - plain).norm()) < tolerance
 
 
 # ---- the GR warmup follows the LR schedule ----

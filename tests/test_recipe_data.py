@@ -1,14 +1,16 @@
-"""scripts/image_data.py on small local datasets: image-folder classes matched by name across splits, and image
-columns that are stored but not decoded (or are no images at all)."""
+"""scripts/image_data.py on small local datasets: image-folder classes matched by name across splits, image columns
+that are stored but not decoded (or are no images at all), unreadable images, and the evaluation split."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from datasets import Dataset, DatasetDict
 from PIL import Image as PILImage
 
 from hf_gr import GRTrainer
@@ -125,3 +127,115 @@ def test_image_column_that_holds_no_images_is_refused(tmp_path, no_training):
     argv = ["--train_file", path, "--image_column", "label", *TINY_8X8, "--output_dir", str(tmp_path / "out")]
     with pytest.raises(ValueError, match=r"--image_column 'label'.*int64"):
         train.main(argv)
+
+
+# ---- unreadable images: named before training, or dropped with --skip_bad_images ----
+
+
+def _spoil(folder: str, *names: str) -> list[str]:
+    """Truncate the first PNG named and overwrite the others with text: images PIL cannot read."""
+    paths = [str(Path(folder) / name) for name in names]
+    whole = Path(paths[0]).read_bytes()
+    Path(paths[0]).write_bytes(whole[: len(whole) // 2])
+    for path in paths[1:]:
+        Path(path).write_text("not an image")
+    return paths
+
+
+def _short_run(train_dir: str, eval_dir: str, out: Path, *flags: str) -> list[str]:
+    return [
+        "--train_file", train_dir, "--validation_file", eval_dir, *TINY_8X8, "--augmentation", "none",
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--save_strategy", "no", "--report_to", "none",
+        "--use_cpu", "true", "--output_dir", str(out), *flags,
+    ]  # fmt: skip
+
+
+def test_an_unreadable_image_is_named_before_training(tmp_path, no_training):
+    train_dir = _image_folder(tmp_path / "train", ["blue", "red"])
+    truncated, text = _spoil(train_dir, "red/1.png", "blue/2.png")
+    eval_dir = _image_folder(tmp_path / "eval", ["blue", "red"])
+    with pytest.raises(ValueError) as raised:
+        train.main(_short_run(train_dir, eval_dir, tmp_path / "out"))
+    message = str(raised.value)
+    assert repr(text) in message or repr(truncated) in message  # the first of the two in the split's order
+    assert "2 unreadable images" in message and "--skip_bad_images" in message and "'train' split" in message
+
+
+def test_an_unreadable_parquet_image_is_named_by_its_row(tmp_path, no_training):
+    path = _struct_parquet(tmp_path / "structs.parquet")
+    table = pq.read_table(path).to_pydict()
+    table["image"][5] = {"bytes": b"\x89PNG\r\n\x1a\n broken", "path": None}
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"image": pa.array(table["image"], type=struct), "label": table["label"]}), path)
+    clean = _struct_parquet(tmp_path / "clean.parquet")
+    with pytest.raises(ValueError, match=r"Cannot read the image in row 5 of the 'train' split: UnidentifiedImage"):
+        train.main(_short_run(path, clean, tmp_path / "out"))
+
+
+def test_skip_bad_images_drops_them_with_a_count(tmp_path, caplog):
+    train_dir = _image_folder(tmp_path / "train", ["blue", "red"])
+    _spoil(train_dir, "red/1.png", "blue/2.png")
+    eval_dir = _image_folder(tmp_path / "eval", ["blue", "red"])
+    _spoil(eval_dir, "blue/0.png")
+    caplog.set_level("INFO")
+    metrics = train.main(_short_run(train_dir, eval_dir, tmp_path / "out", "--skip_bad_images"))
+
+    assert "Dropped 2 unreadable image(s) from the 'train' split (--skip_bad_images), 6 left" in caplog.text
+    assert "Dropped 1 unreadable image(s) from the 'validation' split (--skip_bad_images), 7 left" in caplog.text
+    assert "2 classes; 6 train / 7 eval examples" in caplog.text
+    assert metrics["eval_samples_per_second"] > 0 and metrics["train_loss"] > 0
+
+
+@pytest.mark.parametrize("read_by", ["training batch", "channel statistics"])
+def test_a_split_too_large_to_check_first_names_the_image_where_it_is_read(read_by, tmp_path, monkeypatch):
+    """Unchecked splits: the image is named where it is first decoded, by the training step's batch, or earlier by
+    the per-channel statistics of a from-scratch model on data other than CIFAR."""
+    monkeypatch.setattr(data, "CHECK_BEFORE_TRAINING", 4)  # the 8-image splits are now "large"
+    if read_by == "training batch":
+        monkeypatch.setattr(data, "channel_stats", lambda *args, **kwargs: ([0.5] * 3, [0.5] * 3))
+    train_dir = _image_folder(tmp_path / "train", ["blue", "red"])
+    (text,) = _spoil(train_dir, "red/3.png")
+    eval_dir = _image_folder(tmp_path / "eval", ["blue", "red"])
+    argv = _short_run(train_dir, eval_dir, tmp_path / "out", "--per_device_train_batch_size", "8")
+    with pytest.raises(ValueError, match=rf"Cannot read the image {text!r} in the 'train' split: Unidentified") as e:
+        train.main(argv)  # one batch of all 8 images: the first training step reads the bad one
+    reader = "ImageTransform.__call__" if read_by == "training batch" else "channel_stats"
+    assert reader in {entry.frame.code.raw.co_qualname for entry in e.traceback}
+
+
+def test_image_transform_names_the_file_it_cannot_read():
+    processor = data.ImageTransform(None, "image", "label", split="validation")
+    with pytest.raises(data.InputError, match=r"Cannot read the image '/data/cat\.png' in the 'validation' split"):
+        processor({"image": [{"bytes": b"not an image", "path": "/data/cat.png"}], "label": [0]})
+
+
+# ---- the evaluation split: said, and a slice of train only when there is no other ----
+
+
+def test_the_evaluation_split_is_the_datasets_test_split_and_is_said(monkeypatch, caplog):
+    """A Hub dataset with train and test splits (as uoft-cs/cifar10, which the paper configs name) is evaluated on
+    its test split, not on a slice of train."""
+    rows = {"image": [PILImage.new("RGB", (8, 8), COLOURS["red"])] * 6, "label": [0, 1, 0, 1, 0, 1]}
+    splits = {"train": Dataset.from_dict(rows), "test": Dataset.from_dict({k: v[:4] for k, v in rows.items()})}
+    monkeypatch.setattr(data.datasets, "load_dataset", lambda *args, **kwargs: DatasetDict(splits))
+    caplog.set_level("INFO")
+    raw = data.load_image_dataset(dataset_name="someone/cifar-like")
+    assert (len(raw["train"]), len(raw["validation"])) == (6, 4)
+    assert "Evaluating on the 'test' split of someone/cifar-like (4 examples)" in caplog.text
+
+
+def test_a_slice_of_train_as_the_evaluation_set_is_a_warning(tmp_path, caplog):
+    train_dir = _image_folder(tmp_path / "train", ["blue", "red"], per_class=10)
+    raw = data.load_image_dataset(train_file=train_dir, train_val_split=0.2)
+    assert (len(raw["train"]), len(raw["validation"])) == (16, 4)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("Evaluating on 4 training examples held out" in w and "--validation_file" in w for w in warnings)
+
+
+def test_a_local_folder_shows_no_download_bars(tmp_path, capfd):
+    train_dir = _image_folder(tmp_path / "train", ["blue", "red"])
+    capfd.readouterr()
+    data.load_image_dataset(train_file=train_dir, validation_file=train_dir)
+    err = capfd.readouterr().err
+    assert "Downloading data" not in err and "Generating train split" not in err, err
+    assert not datasets.utils.are_progress_bars_disabled()  # switched off for the local load only

@@ -1,5 +1,6 @@
 """scripts/train.py end to end, offline on CPU: the quickstart, CIFAR from scratch, Hub ids from a local cache,
-push_to_hub intercepted at huggingface_hub, config/CLI precedence, and the clear errors for bad inputs."""
+push_to_hub intercepted at huggingface_hub, config/CLI precedence, resuming, the clear errors for bad inputs, and
+the warnings that are not the user's business kept quiet."""
 
 from __future__ import annotations
 
@@ -23,11 +24,14 @@ import torch
 from datasets import Dataset, Features, Image, Value
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 from PIL import Image as PILImage
+from setuptools.config.setupcfg import read_configuration
 from sklearn.datasets import load_digits
+from torch._utils import ExceptionWrapper
 from torch.utils.data import DataLoader
 from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, pipeline
 from transformers.models.vit import ViTImageProcessorPil
 
+import hf_gr
 from hf_gr import GRTrainer, GRTrainingArguments
 
 import image_data as data
@@ -169,6 +173,7 @@ def test_hub_id_resolved_offline_from_cache(tmp_path):
         [sys.executable, str(REPO / "scripts" / "train.py"), *argv], env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "num_labels" not in result.stderr, result.stderr[-3000:]  # the new head's size follows id2label, silently
 
     config = json.loads((out / "config.json").read_text())
     assert len(config["id2label"]) == 10  # a new 10-class head replaced the cached 3-class one
@@ -199,6 +204,8 @@ def test_push_to_hub_uploads_weights_and_gr_card(tmp_path, monkeypatch):
     def no_network(self, *args, **kwargs):
         raise AssertionError("unexpected Hub call")
 
+    monkeypatch.setattr(train, "is_offline_mode", lambda: False)  # online, with the Hub intercepted
+    monkeypatch.setattr(HfApi, "whoami", lambda self, token=None, **kwargs: {"name": "user"})
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     for name in ("create_commit", "upload_file", "preupload_lfs_files", "model_info"):
@@ -429,13 +436,73 @@ def test_help_shows_the_config_file_and_lists_model_data_and_gr_options_first(ca
     assert "--learning_rate" not in text[: starts[-1]]
 
 
-def test_a_resumed_run_says_where_it_picks_up(tmp_path, caplog):
+def test_a_resumed_run_says_where_it_picks_up_before_loading_anything(tmp_path, caplog):
     out = tmp_path / "run"
     argv = [QUICKSTART, *SHORT, "--do_eval", "false", "--save_strategy", "steps", "--save_steps", "2"]
     train.main([*argv, "--max_steps", "2", "--output_dir", str(out)])
     caplog.clear()
-    train.main([*argv, "--max_steps", "4", "--output_dir", str(out)])  # the default log level: no flag
-    assert "Resuming from checkpoint-2 (step 2 of 4)" in caplog.text
+    metrics = train.main([*argv, "--max_steps", "4", "--output_dir", str(out)])  # the default log level: no flag
+    messages = [record.getMessage() for record in caplog.records]
+    said = f"Resuming from checkpoint-2 (step 2) in {out}; to start over, remove {out} or pass another --output_dir"
+    assert said in messages
+    assert messages.index(said) < next(i for i, m in enumerate(messages) if "train /" in m)  # before the data
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4 and metrics["train_loss"] > 0
+
+
+@pytest.mark.parametrize("last_checkpoint", ["at the last step", "removed"])
+def test_a_finished_run_is_not_trained_again(last_checkpoint, tmp_path, caplog):
+    """Rerunning a finished run keeps its results (it used to write train_loss 0.0 over them or, when its last
+    checkpoint is gone, retrain the steps after the one left) and says how to train longer or start over."""
+    out = tmp_path / "run"
+    every_2 = ["--save_strategy", "steps", "--save_steps", "2", "--output_dir", str(out)]
+    argv = [QUICKSTART, *SHORT, "--max_steps", "4", *every_2]
+    first = train.main(argv)
+    if last_checkpoint == "removed":  # by hand, or by --save_total_limit: the run's final state is in out/ itself
+        shutil.rmtree(out / "checkpoint-4")
+    saved = {name: (out / name).read_text() for name in ("train_results.json", "all_results.json", "README.md")}
+    weights = (out / "model.safetensors").read_bytes()
+    caplog.clear()
+
+    again = train.main(argv)
+    assert again == first and first["train_loss"] > 0
+    assert {name: (out / name).read_text() for name in saved} == saved
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert f"The run in {out} is complete (step 4 of 4): nothing to train" in caplog.text
+    assert "raise --num_train_epochs or --max_steps" in caplog.text
+
+    longer = train.main([QUICKSTART, *SHORT, "--max_steps", "6", *every_2])  # more steps: training goes on
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6 and longer["train_loss"] > 0
+
+
+@pytest.fixture
+def nothing_loaded(monkeypatch):
+    """Fail the test if the script gets as far as loading data."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("data was loaded despite a bad argument")
+
+    monkeypatch.setattr(data, "load_image_dataset", refuse)
+
+
+@pytest.mark.parametrize("given", ["missing", "file", "not a checkpoint"])
+def test_resume_from_a_missing_checkpoint_is_refused_before_loading(given, tmp_path, nothing_loaded):
+    path = tmp_path / "checkpoint-7"
+    if given == "file":
+        path.write_text("")
+    elif given == "not a checkpoint":
+        path.mkdir()
+    expected = {
+        "missing": "does not exist", "file": "is a file",
+        "not a checkpoint": r"is not a checkpoint \(it has no trainer_state.json\)",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=f"--resume_from_checkpoint '{path}' {expected[given]}"):
+        train.main([QUICKSTART, "--resume_from_checkpoint", str(path), "--output_dir", str(tmp_path / "out")])
+
+
+def test_resume_from_a_missing_checkpoint_prints_one_line(tmp_path):
+    line = _error_line(_run_script(QUICKSTART, "--resume_from_checkpoint", str(tmp_path / "nope"),
+                                   "--output_dir", str(tmp_path / "out")))  # fmt: skip
+    assert f"--resume_from_checkpoint '{tmp_path / 'nope'}' does not exist" in line
 
 
 def test_fast_path_equals_the_image_processor():
@@ -464,3 +531,126 @@ def test_same_seed_same_run(tmp_path):
     argv = [QUICKSTART, *SHORT, "--max_steps", "3", "--do_eval", "false"]
     losses = [train.main([*argv, "--output_dir", str(tmp_path / f"run{i}")])["train_loss"] for i in range(2)]
     assert losses[0] == losses[1]
+
+
+# ---- --push_to_hub without the Hub: one line before anything is loaded, naming the local alternative ----
+
+
+def test_push_to_hub_offline_is_one_line_naming_the_local_alternative(tmp_path):
+    out = tmp_path / "out"
+    line = _error_line(_run_script(QUICKSTART, "--push_to_hub", "true", "--hub_model_id", "me/gr", "--output_dir",
+                                   str(out)))  # fmt: skip
+    assert "--push_to_hub needs the Hub, but HF_HUB_OFFLINE=1" in line
+    assert f"saved in {out} only; upload it later with `hf upload me/gr {out}`" in line
+    assert not out.exists()
+
+
+def test_push_to_hub_with_the_hub_out_of_reach_is_one_line(tmp_path):
+    home = tmp_path / "home"  # no saved token
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(home)}
+    argv = [QUICKSTART, "--push_to_hub", "true", "--output_dir", str(tmp_path / "out")]
+    assert "--push_to_hub needs a Hub token: log in with `hf auth login`" in _error_line(_run_script(*argv, **env))
+    line = _error_line(_run_script(*argv, **env, HF_TOKEN="hf_not_a_real_token"))
+    assert "--push_to_hub: the Hub cannot be reached (ConnectError" in line and "`hf upload USER/REPO" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_to_hub_is_checked_before_loading(tmp_path, nothing_loaded):
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE=1"):
+        train.main([QUICKSTART, "--push_to_hub", "true", "--output_dir", str(tmp_path / "out")])
+
+
+# ---- messages ----
+
+
+def test_a_misspelled_flag_or_key_gets_did_you_mean(tmp_path):
+    argv = [QUICKSTART, "--gr_lamda", "0.5", "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match=r"\['--gr_lamda', '0\.5'\]; did you mean --gr_lambda \(not --gr_lamda\)\?"):
+        train.main(argv)
+    with pytest.raises(ValueError, match=r"mean --per_device_train_batch_size \(not --per_device_train_batch_sise\)"):
+        train.parse_args([QUICKSTART, "--per_device_train_batch_sise=8"])
+    config = tmp_path / "typo.yaml"
+    config.write_text("dataset_name: digits\nmodel_config: vit-ti\nlearning_rte: 0.1\n")
+    line = _error_line(_run_script(str(config), "--output_dir", str(tmp_path / "out")))
+    assert "Unknown key(s) in" in line and "learning_rte (did you mean learning_rate?)" in line
+
+
+def test_a_no_flag_says_what_it_does(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    negative = text.split("--no_ignore_mismatched_sizes, --no-ignore-mismatched-sizes ", 1)[1]
+    assert negative.startswith("Set --ignore_mismatched_sizes to false.")
+    assert "(--no_ignore_mismatched_sizes: stop with an error instead)" in text
+    model_args, _, _ = train.parse_args(["--dataset_name", "digits", "--model_name_or_path", "x/y",
+                                         "--no_ignore_mismatched_sizes"])  # fmt: skip
+    assert model_args.ignore_mismatched_sizes is False
+
+
+def test_one_version():
+    """setup.cfg reads the package's version, so the two cannot disagree."""
+    version = read_configuration(REPO / "setup.cfg")["metadata"]["version"]
+    assert version == hf_gr.__version__ == "0.2.0"
+
+
+# ---- warnings that are not the user's business ----
+
+
+def test_no_pin_memory_warning_without_an_accelerator(tmp_path):
+    assert not torch.accelerator.is_available()  # the situation this test is about: a CPU-only machine
+    argv = [QUICKSTART, *SHORT, "--max_steps", "1", "--use_cpu", "false", "--output_dir", str(tmp_path / "out")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train.main(argv)
+    assert not [str(w.message) for w in caught if "pin_memory" in str(w.message)]
+
+
+def test_ddp_skips_the_unused_parameter_search_for_the_recipes_vits(tmp_path):
+    """The search is off for a ViT classifier, which uses every parameter in each forward pass (checked here with
+    a backward pass); an explicit flag and other models keep the Trainer's choice."""
+    model = modeling.paper_vit(modeling.paper_vit_config("vit-ti", {0: "a", 1: "b"}, TINY))
+    pixels, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    model.classifier.weight.data.normal_()  # a zero head would leave the encoder without gradient
+    model(pixel_values=pixels, labels=labels).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+    def args(*flags: str) -> GRTrainingArguments:
+        return train.parse_args(["--dataset_name", "digits", "--model_config", "vit-ti", "--use_cpu", "true",
+                                 "--output_dir", str(tmp_path), *flags])[2]  # fmt: skip
+
+    quiet = args()
+    train.quiet_defaults(quiet, model)
+    assert quiet.ddp_find_unused_parameters is False and quiet.dataloader_pin_memory is False
+    kept = args("--ddp_find_unused_parameters", "true")
+    train.quiet_defaults(kept, model)
+    assert kept.ddp_find_unused_parameters is True
+    other = args()
+    train.quiet_defaults(other, torch.nn.Linear(2, 2))
+    assert other.ddp_find_unused_parameters is None
+
+
+# ---- an unreadable image: one line naming the file ----
+
+
+def test_an_unreadable_image_prints_one_line_naming_it(tmp_path):
+    folder = tmp_path / "images"
+    for name, colour in (("blue", (0, 0, 255)), ("red", (255, 0, 0))):
+        (folder / name).mkdir(parents=True)
+        for i in range(3):
+            PILImage.new("RGB", (8, 8), colour).save(folder / name / f"{i}.png")
+    (folder / "red" / "1.png").write_bytes((folder / "red" / "0.png").read_bytes()[:30])  # truncated
+    line = _error_line(_run_script(QUICKSTART, "--train_file", str(folder), "--output_dir", str(tmp_path / "out")))
+    assert line.startswith(f"error: Cannot read the image '{folder / 'red' / '1.png'}' in the 'train' split")
+    assert line.endswith("or pass --skip_bad_images to drop unreadable images.")
+
+
+def test_an_error_raised_in_a_data_loader_worker_is_still_one_line():
+    try:
+        raise data.InputError("Cannot read the image 'a.png' in the 'train' split: OSError: truncated.")
+    except data.InputError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")  # what a worker sends back
+    with pytest.raises(data.InputError) as raised:
+        wrapped.reraise()
+    assert "Traceback" in str(raised.value)
+    expected = "error: Cannot read the image 'a.png' in the 'train' split: OSError: truncated."
+    assert train.error_line(raised.value) == expected

@@ -6,7 +6,17 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from hf_gr import GRTrainer, LambdaWarmupCallback, RWarmupCallback, ZeroWarmupCallback
 
-from gr_testing import DictDataset, TinyNet, make_args, params_of
+from gr_testing import (
+    DictDataset,
+    SequentialGRTrainer,
+    StepUpdates,
+    TinyNet,
+    grad_at,
+    make_args,
+    max_rel_err,
+    params_of,
+    reference_gr_grad,
+)
 
 W, STEPS, LAMBDA, R = 8, 14, 0.06, 0.1
 
@@ -28,13 +38,42 @@ def _logged(trainer) -> list[tuple[int, float, float]]:
     return [(e["step"], e["gr_lambda"], e["gr_r"]) for e in trainer.state.log_history if "gr_lambda" in e]
 
 
+@pytest.mark.parametrize("w_from", ["lr_warmup", "gr_warmup_steps"])
 @pytest.mark.parametrize("strategy", ["lambda", "r", "zero", "none"])
-def test_logged_schedule_matches_formulas(tmp_path, strategy):
+def test_each_step_applies_and_logs_the_warmup_formulas(tmp_path, strategy, w_from):
+    """Each step's update (SGD) is lr_t times the GR gradient with λ_t and r_t from the formulas, computed from
+    scratch in float64 at the parameters the step started from; and the log says the same λ_t and r_t. W is the LR
+    warmup's (lr_t = min(1, t/W)) or `gr_warmup_steps` with a constant LR (lr_t = 1)."""
+    model, data, updates = TinyNet().double(), DictDataset(64, dtype=torch.float64), StepUpdates()
+    if w_from == "lr_warmup":
+        schedule = dict(warmup_steps=W, lr_scheduler_type="constant_with_warmup")
+    else:
+        schedule = dict(gr_warmup_steps=W, lr_scheduler_type="constant")
     args = make_args(
-        tmp_path, max_steps=STEPS, logging_steps=1, warmup_steps=W, gr_warmup_strategy=strategy, gr_lambda=LAMBDA
-    )
-    trainer = GRTrainer(model=TinyNet(), args=args, train_dataset=DictDataset(64))
+        tmp_path, max_steps=STEPS, logging_steps=1, gr_warmup_strategy=strategy, gr_lambda=LAMBDA, gr_r=R,
+        optim="sgd", learning_rate=1.0, max_grad_norm=0.0, **schedule,
+    )  # fmt: skip
+    trainer = SequentialGRTrainer(model=model, args=args, train_dataset=data, callbacks=[updates])
     trainer.train()
+    assert len(updates.before) == STEPS
+    for t, (before, applied) in enumerate(zip(updates.before, updates.applied(1.0))):
+        lr = min(1.0, t / W) if w_from == "lr_warmup" else 1.0
+        if lr == 0.0:
+            assert all(torch.equal(a, torch.zeros_like(a)) for a in applied)
+            continue
+        reference = TinyNet().double()
+        with torch.no_grad():
+            for p, value in zip(reference.parameters(), before):
+                p.copy_(value)
+        batch = data.batch(8 * (t % 8), 8)
+        gr_lambda, gr_r = _expected(strategy, t)
+        if gr_lambda == 0.0 or gr_r == 0.0:
+            want = grad_at(reference, dict(reference.named_parameters()), batch)
+        else:
+            want = reference_gr_grad(reference, batch, gr_lambda, gr_r)
+        error = max_rel_err([a / lr for a in applied], want)
+        assert error < 1e-10, (t, error)
+
     logged = _logged(trainer)
     assert [s for s, _, _ in logged] == list(range(1, STEPS + 1))
     for step, lam, r in logged:  # the entry logged after step s describes the step that started at s - 1

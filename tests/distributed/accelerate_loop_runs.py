@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from accelerate.state import GradientState
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import DataLoader
+from transformers import get_constant_schedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -31,6 +32,8 @@ SETTINGS = {
     "ga2": dict(accumulation=2),
     "ga2_zero_warmup": dict(accumulation=2, gr_warmup_strategy="zero", gr_warmup_steps=1),
     "ga2_plain": dict(accumulation=2, gr_lambda=0.0),
+    # The warmup's t read from a prepared scheduler (which steps once per process at each optimizer step).
+    "ga2_zero_warmup_scheduler": dict(accumulation=2, gr_warmup_strategy="zero", gr_warmup_steps=2, scheduler=True),
 }
 
 
@@ -63,7 +66,8 @@ def loop_run(setting: dict) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     dataloader = DataLoader(DictDataset(48), batch_size=BATCH, shuffle=False)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
-    regularizer = GradientRegularizer(model, accelerator, GRArguments(**gr_fields(setting)))
+    scheduler = accelerator.prepare(get_constant_schedule(optimizer)) if setting.get("scheduler") else None
+    regularizer = GradientRegularizer(model, accelerator, GRArguments(**gr_fields(setting)), lr_scheduler=scheduler)
 
     all_reduces = [0]
     model.register_comm_hook(None, lambda state, bucket: (all_reduces.append(all_reduces.pop() + 1),
@@ -72,6 +76,8 @@ def loop_run(setting: dict) -> dict:
         with accelerator.accumulate(model):
             regularizer.backward(lambda: model(**batch)["loss"])  # noqa: B023 (called right away)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             optimizer.zero_grad()
         if accelerator.sync_gradients:
             all_reduces.append(0)

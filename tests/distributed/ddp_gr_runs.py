@@ -13,7 +13,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, make_args  # noqa: E402
+from gr_testing import DictDataset, GRLogLines, SequentialGRTrainer, TinyNet, make_args  # noqa: E402
 
 RUNS = {
     "plain": dict(gr_lambda=0.0, gradient_accumulation_steps=1),
@@ -113,7 +113,8 @@ def run(name: str, overrides: dict, tmp: str) -> dict:
         trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     all_reduce = dist.all_reduce
     try:
-        trainer.train()
+        with GRLogLines() as logged:
+            trainer.train()
     finally:
         dist.all_reduce = all_reduce
     kinds = [
@@ -128,6 +129,7 @@ def run(name: str, overrides: dict, tmp: str) -> dict:
         "kinds_per_rank": every_rank,
         "scheduler_steps": trainer.lr_scheduler.last_epoch,
         "scale": trainer.accelerator.scaler.get_scale() if scaler else None,
+        "gr_log": logged.lines,
     }
 
 
@@ -144,11 +146,20 @@ def exact_mode_error(tmp: str) -> str:
     return ""
 
 
+def fsdp_on_cpu_log(tmp: str) -> list[str]:
+    """What GRTrainer logs when the arguments ask for FSDP on CPU, where accelerate runs DDP instead."""
+    with GRLogLines() as logged:
+        args = make_args(_Path(tmp), fsdp=True, fsdp_config={"fsdp_version": 2})
+        SequentialGRTrainer(model=TinyNet(), args=args)
+    return logged.lines
+
+
 def main() -> None:
     out, tmp = sys.argv[1], sys.argv[2]
     results = {name: run(name, dict(overrides), tmp) for name, overrides in RUNS.items()}
     results["exact_error"] = exact_mode_error(tmp)
     results["world_size"] = dist.get_world_size()
+    results["fsdp_on_cpu_log"] = fsdp_on_cpu_log(tmp)  # last: transformers sets ACCELERATE_USE_FSDP for the process
     if dist.get_rank() == 0:
         torch.save(results, out)
 

@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from hf_gr import GradientRegularizer, GRArguments, GRTrainer, GRTrainingArguments  # noqa: E402
 from hf_gr.schedule import StepPlan  # noqa: E402
 
+from gr_testing import GRLogLines  # noqa: E402
+
 WORLD, BATCH, STEPS, LR, R = 2, 4, 3, 0.5, 0.1
 COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_reduce")
 COUNTS: collections.Counter = collections.Counter()
@@ -81,7 +83,7 @@ def run_mlp(accumulation: int, alpha: float, kind: str = "gr", mixed: bool = Fal
         COUNTS.clear()
         step_kind = kinds[step] if kinds else kind
         plan = StepPlan(step_kind, alpha * R if step_kind == "gr" else 0.0, R)
-        regularizer.start_step()
+        regularizer._start_step()
         for j in range(accumulation):
             micro = step * accumulation + j
             rows = slice(rank * BATCH, (rank + 1) * BATCH)
@@ -98,7 +100,7 @@ def run_mlp(accumulation: int, alpha: float, kind: str = "gr", mixed: bool = Fal
                 run_pass()
                 model.set_requires_gradient_sync(True)
             else:
-                regularizer.step(run_pass, plan, last)
+                regularizer._micro_batch(run_pass, plan, last)
             restored &= all(torch.equal(a, local(p)) for a, p in zip(before, model.parameters()))
         with torch.no_grad():
             for p in model.parameters():
@@ -110,6 +112,50 @@ def run_mlp(accumulation: int, alpha: float, kind: str = "gr", mixed: bool = Fal
         "restored": restored,
         "counts": counts,
         "empty_shard_on_rank1": local(model.head.weight).numel() == 0 if rank == 1 else None,
+    }
+
+
+def run_mlp_diagnostics() -> dict:
+    """One GR step (α = 0.5) measuring the diagnostics: the values recorded, the devices of the tensors handed to
+    `dist.all_reduce`, and the `Tensor.cpu` calls made during the step (none: the reduction stays on the device)."""
+    rank = dist.get_rank()
+    model = TinyMLP()
+    for module in (model.fc1, model.fc2, model.head):
+        fully_shard(module)
+    fully_shard(model)
+    regularizer = GradientRegularizer(model, args=GRArguments(gr_lambda=0.5 * R, gr_r=R, gr_warmup_strategy="none"))
+    recorded: dict = {}
+    regularizer.metrics = lambda key, value: recorded.setdefault(key, []).append(value)
+    x, y = mlp_data(1)
+    rows = slice(rank * BATCH, (rank + 1) * BATCH)
+
+    def run_pass():
+        loss = F.mse_loss(model(x[0, rows]), y[0, rows])
+        loss.backward()
+        return loss.detach()
+
+    devices, moved = [], [0]
+    all_reduce, cpu = dist.all_reduce, torch.Tensor.cpu
+
+    def watched_all_reduce(tensor, *args, **kwargs):
+        devices.append(str(tensor.device))
+        return all_reduce(tensor, *args, **kwargs)
+
+    def watched_cpu(self, *args, **kwargs):
+        moved[0] += 1
+        return cpu(self, *args, **kwargs)
+
+    regularizer._start_step()
+    dist.all_reduce, torch.Tensor.cpu = watched_all_reduce, watched_cpu
+    try:
+        regularizer._micro_batch(run_pass, StepPlan("gr", 0.5 * R, R), True)
+    finally:
+        dist.all_reduce, torch.Tensor.cpu = all_reduce, cpu
+    return {
+        "metrics": {k: [float(v) for v in values] for k, values in recorded.items()},
+        "all_reduce_devices": devices,
+        "param_device": str(local(next(model.parameters())).device),
+        "cpu_calls": moved[0],
     }
 
 
@@ -143,7 +189,8 @@ def run_trainer(path: str, accumulation: int, gr_lambda: float, tmp: str) -> dic
     )  # fmt: skip
     trainer = SequentialTrainer(model=model, args=args, train_dataset=TokenRows())
     COUNTS.clear()
-    trainer.train()
+    with GRLogLines() as logged:
+        trainer.train()
     counts = dict(COUNTS)
     trainer.save_model(os.path.join(args.output_dir, "final"))
     return {
@@ -152,6 +199,7 @@ def run_trainer(path: str, accumulation: int, gr_lambda: float, tmp: str) -> dic
         "saved": sorted(os.listdir(os.path.join(args.output_dir, "final"))) if dist.get_rank() == 0 else None,
         "is_fsdp_managed": type(model).__name__,
         "kinds": [e.get("gr_step_fraction") for e in trainer.state.log_history if "gr_step_fraction" in e],
+        "gr_log": logged.lines,
     }
 
 
@@ -168,6 +216,7 @@ def main() -> None:
     results["gr_reuse_ga2"] = run_mlp(2, 1.0, kinds=("gr", "reuse", "reuse"))
     results["gr_mixed"] = run_mlp(1, 1.0, mixed=True)
     results["plain_mixed"] = run_mlp(1, 1.0, kind="plain", mixed=True)
+    results["gr_diagnostics"] = run_mlp_diagnostics()
     for accumulation in (1, 2):
         results[f"trainer_gr_ga{accumulation}"] = run_trainer(llama, accumulation, 0.05, tmp)
     results["trainer_plain"] = run_trainer(llama, 1, 0.0, tmp)

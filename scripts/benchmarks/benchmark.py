@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 """Benchmark GR's cost: GR and its cheaper modes against a plain Trainer step (the 2× floor) and a peer SAM.
 
-    python scripts/benchmark.py                      # the paper's ViT-Ti for CIFAR, batch 24, 1 thread
-    python scripts/benchmark.py --quick --json out.json
-    python scripts/benchmark.py --quick --profile gr_reuse4   # where one configuration's time goes
+    python scripts/benchmarks/benchmark.py                      # the paper's ViT-Ti for CIFAR, batch 24, 1 thread
+    python scripts/benchmarks/benchmark.py --quick --json out.json
+    python scripts/benchmarks/benchmark.py --quick --profile gr_reuse4   # where one configuration's time goes
+    python scripts/benchmarks/benchmark.py --quick --no-memory --configs plain,peer_sam,gr_ascent25,gr_ascent25_p05
 
 Times, interleaved in one process, whole cycles of consecutive optimizer steps (8 by default: one sample per
 configuration per round, the order rotating, warm-up rounds discarded, torch threads fixed) of: a plain `Trainer`,
 `GRTrainer` finite-difference GR at α = 0.5 and α = 1, `GRTrainer` inside the zero-warmup phase,
 `gr_method="exact"`, the peer `pytorch_optimizer.SAM` around AdamW, plain/GR with gradient accumulation 2, and the
-cheaper modes at α = 1: `gr_probability=0.5`, `gr_interval=4`, `gr_interval=4` with `gr_reuse`. Ratios are
+cheaper modes at α = 1: `gr_probability=0.5`, `gr_interval=4`, `gr_interval=4` with `gr_reuse`, sub-batch ascent
+`gr_ascent_fraction=0.25` alone and with `gr_probability=0.5`. Ratios are
 medians of per-round ratios. First runs each configuration in its own (forked) subprocess for memory: the live
 tensor bytes at each pass's start (GR's extra buffers over the parameter bytes) and peak RSS as a cross-check.
 Prints a table; `--json PATH` writes every number as flat keys.
@@ -26,13 +28,16 @@ import platform
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import torch
 
-import benchmarking as bench
-from paper_vit import PAPER_VIT_CONFIGS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the recipe's paper_vit
+
+import benchmarking as bench  # noqa: E402
+from paper_vit import PAPER_VIT_CONFIGS  # noqa: E402
 
 TARGETS: Mapping[str, tuple[float, str]] = MappingProxyType(
     {  # key: (limit, what it is measured against)
@@ -43,6 +48,9 @@ TARGETS: Mapping[str, tuple[float, str]] = MappingProxyType(
         "gr_interval4_over_plain": (1.30, "floor 1.25"),
         "gr_reuse4_over_plain": (1.32, "floor 1.25"),
         "gr_p05_over_peer_sam": (0.80, "peer"),
+        "gr_ascent25_over_plain": (1.35, "floor 1.25"),
+        "gr_ascent25_over_peer_sam": (0.70, "peer"),
+        "gr_ascent25_p05_over_plain": (1.20, "floor 1.125"),
         "extra_bytes_over_param_bytes": (1.05, "floor 1.0: θ copy"),
         "extra_bytes_over_param_bytes_ga": (2.05, "floor 2.0"),
         "extra_bytes_over_param_bytes_reuse": (2.05, "floor 2.0: θ copy, u"),
@@ -64,6 +72,11 @@ RATIO_ROWS = (
     "gr_reuse4_over_gr_interval4",
     "gr_p05_over_peer_sam",
     "gr_p05_over_peer_sam_at_p",
+    "gr_ascent25_over_plain",
+    "gr_ascent25_over_peer_sam",
+    "gr_ascent25_over_gr_a1",
+    "gr_ascent25_p05_over_plain",
+    "gr_ascent25_p05_over_plain_at_p",
 )
 MEMORY_ROWS: Mapping[str, str] = MappingProxyType(
     {  # key: what GR holds beyond the plain step
@@ -149,7 +162,7 @@ def format_table(results: Mapping[str, Any], names: list[str]) -> str:
         f"{results['measured_rounds']} rounds of {results['cycle_steps']} steps "
         f"(+{results['warmup_rounds']} warm-up), interleaved",
         "",
-        f"{'configuration':<13} {'s/step':>7} {'min':>7} {'max':>7} {'× base':>7} {'GR frac':>7} "
+        f"{'configuration':<15} {'s/step':>7} {'min':>7} {'max':>7} {'× base':>7} {'GR frac':>7} "
         f"{'bookkeeping':>11} {'extra/param: pass start':>23} {'points':>7} {'RSS':>7}",
     ]
     for name in names:
@@ -160,7 +173,7 @@ def format_table(results: Mapping[str, Any], names: list[str]) -> str:
         over = None if over is None else results[f"{name}_median_s"] / over
         extra = [results.get(f"{name}_extra_bytes_over_param_bytes{s}") for s in bench.MEMORY_MEASURES]
         lines.append(
-            f"{name:<13} {results[f'{name}_median_s']:>7.3f} {results[f'{name}_min_s']:>7.3f} "
+            f"{name:<15} {results[f'{name}_median_s']:>7.3f} {results[f'{name}_min_s']:>7.3f} "
             f"{results[f'{name}_max_s']:>7.3f} {_fmt(over):>7} {results[f'{name}_gr_fraction']:>7.3f} "
             f"{results[f'{name}_overhead_fraction']:>11.2%} {_fmt(extra[0]):>23} {_fmt(extra[1]):>7} "
             f"{_fmt(extra[2]):>7}"

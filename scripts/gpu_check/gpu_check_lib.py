@@ -1,4 +1,4 @@
-"""Building blocks of `scripts/gpu_check.py`: the carried CIFAR subset, GPU augmentation, models, a float64 GR
+"""Building blocks of `gpu_check.py` beside it: the carried CIFAR subset, GPU augmentation, models, a float64 GR
 reference, and Trainer plumbing (a fixed batch, gradient capture, step timing, host-sync counting).
 
 Everything here runs on CPU as well as on CUDA, so the dry run (`gpu_check.py --dry-run`) exercises the same code.

@@ -1,19 +1,20 @@
 #!/usr/bin/env python
 """Is the input pipeline the bottleneck? Images/s of train.py's data pipeline versus its training step.
 
-    python scripts/measure_pipeline.py [--train_file ../shared/data/cifar10/train.parquet] [--model_config vit-ti]
-    python scripts/measure_pipeline.py --train_file digits --batch_size 64 --augmentation none --config_overrides \
+    python scripts/benchmarks/measure_pipeline.py --train_file CIFAR10_DIR/train.parquet [--model_config vit-ti]
+    python scripts/benchmarks/measure_pipeline.py --batch_size 64 --augmentation none --config_overrides \
         "image_size=8,patch_size=4,hidden_size=64,num_hidden_layers=4,num_attention_heads=4,intermediate_size=128"
 
 Pipeline: decode → image processor → the paper's augmentation → collate, through a `DataLoader` with
 `--num_workers` workers (the Trainer's default is 0: the main process). Step: one plain AdamW step
 (forward + backward + update) of the from-scratch ViT; a GR step runs two forward/backward passes (~2× that).
-`--train_file digits` (or a missing file) uses the bundled digits.
+`--train_file digits` (the default) uses scikit-learn's bundled digits.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -21,10 +22,10 @@ import torch
 from torch.utils.data import DataLoader
 from transformers.models.vit import ViTImageProcessorPil
 
-import image_data as data
-import paper_vit as modeling
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the recipe's data and model helpers
 
-DEFAULT_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train.parquet"
+import image_data as data  # noqa: E402
+import paper_vit as modeling  # noqa: E402
 
 
 def measure_pipeline(loader: DataLoader, batches: int) -> float:
@@ -52,7 +53,7 @@ def measure_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], steps: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train_file", default=str(DEFAULT_CIFAR))
+    parser.add_argument("--train_file", default="digits", help="a parquet file, or digits (the default)")
     parser.add_argument("--model_config", default="vit-ti", choices=list(modeling.PAPER_VIT_CONFIGS))
     parser.add_argument("--config_overrides", default=None)
     parser.add_argument("--augmentation", default="basic", choices=list(data.AUGMENTATIONS))
@@ -65,7 +66,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    source = args.train_file if Path(args.train_file).is_file() else data.DIGITS
+    if args.train_file != data.DIGITS and not Path(args.train_file).is_file():
+        parser.error(f"--train_file {args.train_file}: no such file (a parquet file, or {data.DIGITS})")
+    source = args.train_file
     raw = data.load_image_dataset(
         dataset_name=data.DIGITS if source == data.DIGITS else None,
         train_file=None if source == data.DIGITS else source,

@@ -1,6 +1,6 @@
 """Measure what a GR step costs: time against a plain Trainer step and a peer SAM, and the memory GR holds.
 
-Used by `scripts/benchmark.py` (see its docstring for the command line). Every configuration is a runner that
+Used by `benchmark.py` beside it (see its docstring for the command line). Every configuration is a runner that
 takes full optimizer steps on a fixed batch the way `Trainer`'s loop does: `on_step_begin` (through the callback
 handler, so `GRMixin` plans the step), each micro-batch's `training_step` with the sync flag set, clipping,
 `optimizer.step()`, the scheduler, `zero_grad`, `global_step += 1`, `on_step_end`.
@@ -87,6 +87,7 @@ class Config:
     interval: int = 1
     probability: float = 1.0
     reuse: bool = False
+    ascent_fraction: float = 1.0
 
     @property
     def baseline(self) -> str:
@@ -108,6 +109,9 @@ CONFIGS: Mapping[str, Config] = MappingProxyType(
         "gr_p05": Config("gr", gr_lambda=GR_R, probability=0.5),  # the official code's hybrid mode
         "gr_interval4": Config("gr", gr_lambda=GR_R, interval=4),  # composer's SAM interval
         "gr_reuse4": Config("gr", gr_lambda=GR_R, interval=4, reuse=True),  # LookSAM
+        # sub-batch ascent (m-sharpness): pass 1 on a quarter of the batch, alone and with p = 0.5
+        "gr_ascent25": Config("gr", gr_lambda=GR_R, ascent_fraction=0.25),
+        "gr_ascent25_p05": Config("gr", gr_lambda=GR_R, ascent_fraction=0.25, probability=0.5),
     }
 )
 
@@ -305,6 +309,7 @@ def _training_arguments(config: Config, spec: ModelSpec, output_dir: str) -> Tra
         gr_interval=config.interval,
         gr_probability=config.probability,
         gr_reuse=config.reuse,
+        gr_ascent_fraction=config.ascent_fraction,
     )
 
 
@@ -330,7 +335,7 @@ class TrainerStepRunner(StepRunner):
         handler = trainer.callback_handler
         trainer.current_gradient_accumulation_steps = len(self.batches)
         trainer.control = handler.on_step_begin(args, trainer.state, trainer.control)
-        gr = isinstance(trainer, GRMixin) and trainer.gr_step_plan().kind == schedule.GR  # the plan it will run
+        gr = isinstance(trainer, GRMixin) and trainer._gr_step_plan().kind == schedule.GR  # the plan it will run
         step_calls = 0.0
         for i, inputs in enumerate(self.batches):
             last = i == len(self.batches) - 1
@@ -468,7 +473,7 @@ def measure_memory(name: str, spec: ModelSpec, steps: int | None = None, warmup:
     configuration, and the counts get fast. Warm-up steps create the optimizer state first, so configurations
     compare at the same state. The measured steps follow (default: one cycle for the cheaper modes, so that they
     hold a GR step, else 2). Peak RSS is the process's high-water mark: meaningful only when the process ran
-    nothing else (`scripts/benchmark.py` runs each configuration in a subprocess).
+    nothing else (`scripts/benchmarks/benchmark.py` runs each configuration in a subprocess).
     """
     config = CONFIGS[name]
     if steps is None:
@@ -509,6 +514,10 @@ RATIOS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "gr_reuse4_over_plain": ("gr_reuse4", "plain"),
         "gr_p05_over_peer_sam": ("gr_p05", "peer_sam"),
         "gr_reuse4_over_gr_interval4": ("gr_reuse4", "gr_interval4"),  # what the reuse correction costs
+        "gr_ascent25_over_plain": ("gr_ascent25", "plain"),
+        "gr_ascent25_over_peer_sam": ("gr_ascent25", "peer_sam"),
+        "gr_ascent25_over_gr_a1": ("gr_ascent25", "gr_a1"),  # what the sub-batch saves on a GR step
+        "gr_ascent25_p05_over_plain": ("gr_ascent25_p05", "plain"),
     }
 )
 # the headline memory keys: extra_bytes_over_param_bytes{suffix} is the configuration's, against its baseline
@@ -575,10 +584,10 @@ def summarize(timings: Timings, memory: Mapping[str, Mapping[str, float]]) -> di
     fractions = [out[f"{n}_overhead_fraction"] for n in ("gr_a0.5", "gr_a1") if n in samples]
     if fractions:
         out["overhead_fraction"] = max(fractions)
-    for against in ("plain", "peer_sam"):
-        value = _at_probability(samples, "gr_p05", against)
+    for name, against in (("gr_p05", "plain"), ("gr_p05", "peer_sam"), ("gr_ascent25_p05", "plain")):
+        value = _at_probability(samples, name, against)
         if value is not None:
-            out[f"gr_p05_over_{against}_at_p"] = value
+            out[f"{name}_over_{against}_at_p"] = value
 
     for name, values in memory.items():
         for key, value in values.items():

@@ -1,4 +1,4 @@
-"""Section 1 of `scripts/gpu_check.py`: is the GR step correct on this device?
+"""Section 1 of `scripts/gpu_check/gpu_check.py`: is the GR step correct on this device?
 
 Each check returns a dict with `passed` (True, False, or None where it does not apply) and its measurements:
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -298,7 +299,8 @@ def multi_device_norm(ctx: Any) -> dict[str, Any]:
 
 
 def fsdp2_worker(ctx: Any, out_path: Path) -> None:
-    """One fp32 GR step through GRTrainer with FSDP2 (`fsdp_version: 2`) against float64; writes a JSON file.
+    """One fp32 GR step through GRTrainer with FSDP2 (`fsdp_version: 2`) against float64, measuring the diagnostics
+    (their sums over ranks run on the device: an NCCL group reduces no CPU tensor); writes a JSON file.
 
     On CPU the Trainer ignores FSDP (accelerate shards only on accelerators): the step then runs as a world-size-1
     torchrun job, and the result says so.
@@ -312,7 +314,8 @@ def fsdp2_worker(ctx: Any, out_path: Path) -> None:
         fsdp = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True}} if ctx.cuda else {}
         capture = CaptureGrads(0)
         args = ctx.training_args(max_steps=1, per_device_train_batch_size=len(rows), optim="sgd", learning_rate=0.1,
-                                 max_grad_norm=1e9, gr_lambda=GR_LAMBDA, gr_r=GR_R, **fsdp)  # fmt: skip
+                                 max_grad_norm=1e9, gr_lambda=GR_LAMBDA, gr_r=GR_R, gr_diagnostics_steps=1,
+                                 logging_steps=1, **fsdp)  # fmt: skip
         with no_tf32():
             trainer = GRTrainer(model=model, args=args, train_dataset=rows, callbacks=[capture])
             result.update(fsdp_enabled=bool(trainer.is_fsdp_enabled),
@@ -325,9 +328,15 @@ def fsdp2_worker(ctx: Any, out_path: Path) -> None:
         sharded = [n for n, p in trainer.model.named_parameters() if isinstance(p, DTensor)]
         err = rel_err(capture.grads, want)
         tolerance = FP32_TOLERANCE[ctx.device.type]
+        logged = [e for e in trainer.state.log_history if "gr_cosine" in e]
+        diagnostics = {k: logged[0].get(k) if logged else None for k in ("gr_grad_norm", "gr_perturbed_grad_norm",
+                                                                          "gr_cosine")}  # fmt: skip
+        finite = all(v is not None and math.isfinite(v) for v in diagnostics.values())
         result.update(rel_err=finite_or_none(err), tolerance=tolerance, dtensor_params=len(sharded),
-                      gr_step_passed=bool(err <= tolerance))  # fmt: skip
-        result["passed"] = result["gr_step_passed"] and (not ctx.cuda or (result["is_fsdp2"] and len(sharded) > 0))
+                      gr_step_passed=bool(err <= tolerance), diagnostics=diagnostics,
+                      diagnostics_logged=finite)  # fmt: skip
+        result["passed"] = result["gr_step_passed"] and result["diagnostics_logged"] and (
+            not ctx.cuda or (result["is_fsdp2"] and len(sharded) > 0))  # fmt: skip
         if not ctx.cuda:
             result["note"] = "CPU: FSDP needs CUDA; checked the GR step in a world-size-1 torchrun job only"
     except Exception as error:  # recorded, not raised: the parent reports it

@@ -1,16 +1,18 @@
 """One prepared device check of hf_gr: correctness on CUDA, throughput, and a short CIFAR-10 reproduction.
 
-    python scripts/gpu_check.py --out DIR                 # on the GPU machine (scripts/gpu_check.sh runs this)
-    python scripts/gpu_check.py --dry-run --out DIR       # the same code on CPU, tiny sizes, < 1 min
-    python scripts/gpu_check.py --prepare-data outputs/gpu_data   # here: decode the CIFAR subset to carry
+    bash scripts/gpu_check.sh                                     # on the GPU machine: runs this file
+    python scripts/gpu_check/gpu_check.py --dry-run --out DIR     # the same code on CPU, tiny sizes, < 1 min
+    python scripts/gpu_check/gpu_check.py --prepare-data outputs/gpu_data --source CIFAR10_PARQUET_DIR
+                                                                  # decode the CIFAR-10 subset the check reads
 
 Writes DIR/gpu_check.json (after every section, so a run cut short keeps what finished) and DIR/gpu_check.log.
 
-1. correctness (scripts/gpu_check_correctness.py): the GR gradient against float64 in fp32, bf16 and fp16 (the
-   Trainer's own GradScaler), dropout masks replayed on the device RNG, a non-finite fp16 step skipped, no host
+1. correctness (gpu_check_correctness.py): the GR gradient against float64 in fp32, bf16 and fp16 (the Trainer's
+   own GradScaler), dropout masks replayed on the device RNG, a non-finite fp16 step skipped, no host
    sync inside a GR step, one FSDP2 GR step (world size 1, its own process), norms over gradients on two devices.
-2. throughput: images/s of plain training, GR (α = 1), gr_probability 0.5, gr_interval 4 and gr_interval 4 +
-   gr_reuse for the paper's ViT-S and ViT-B at batch 256 in bf16, the cost of each over plain, peak memory.
+2. throughput: images/s of plain training, GR (α = 1), gr_probability 0.5, gr_interval 4, gr_interval 4 +
+   gr_reuse, sub-batch ascent (gr_ascent_fraction 0.25) alone and with gr_probability 0.5, for the paper's ViT-S
+   and ViT-B at batch 256 in bf16, the cost of each over plain, peak memory.
 3. reproduction: the paper's ViT-Ti on the carried CIFAR-10 subset (uint8 on the GPU, flip + reflect-pad-4 crop
    on the GPU): plain AdamW, GR, GR + zero-warmup, as many epochs as fit the time left; test error per run.
 4. compile: plain and GR ViT-S throughput with torch.compile, in its own process (bounded by the time left).
@@ -39,9 +41,10 @@ from typing import Any
 
 import torch
 
-SCRIPTS = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # scripts/gpu_check: this check's modules
+SCRIPTS = HERE.parent  # scripts/: the recipe's paper_vit
 REPO = SCRIPTS.parent
-for _path in (str(SCRIPTS), str(REPO)):  # run as a file on the GPU machine: hf_gr from the working tree
+for _path in (str(HERE), str(SCRIPTS), str(REPO)):  # run as a file on the GPU machine: hf_gr from the working tree
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
@@ -80,6 +83,8 @@ GR_MODES: dict[str, dict[str, Any] | None] = {  # None: the stock Trainer
     "gr_p0.5": {"gr_probability": 0.5},
     "gr_k4": {"gr_interval": 4},
     "gr_k4_reuse": {"gr_interval": 4, "gr_reuse": True},
+    "gr_ascent25": {"gr_ascent_fraction": 0.25},
+    "gr_ascent25_p0.5": {"gr_ascent_fraction": 0.25, "gr_probability": 0.5},
 }
 REPRO_RUNS = {
     "plain": {"gr_lambda": 0.0},
@@ -246,11 +251,12 @@ def run_worker(ctx: Context, worker: str, timeout_s: float) -> dict[str, Any]:
     launcher = [sys.executable]
     if worker == "fsdp2":
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
-    command = launcher + [str(SCRIPTS / "gpu_check.py"), "--worker", worker, "--worker-out", str(out),
+    command = launcher + [str(HERE / "gpu_check.py"), "--worker", worker, "--worker-out", str(out),
                           "--out", str(ctx.out), "--budget-s", str(int(timeout_s))]  # fmt: skip
     if ctx.dry_run:
         command.append("--dry-run")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(SCRIPTS), os.environ.get("PYTHONPATH", "")]))
+    paths = [str(REPO), str(HERE), str(SCRIPTS), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     started = time.perf_counter()
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=REPO)
@@ -470,8 +476,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, help="time budget of the whole run (default 440; dry run 170)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--prepare-data", type=Path, metavar="DIR", help="decode the CIFAR-10 subset into DIR, exit")
-    parser.add_argument("--source", type=Path, default=REPO.parent / "shared" / "data" / "cifar10",
-                        help="CIFAR-10 parquet folder for --prepare-data")  # fmt: skip
+    parser.add_argument("--source", type=Path, help="--prepare-data: the CIFAR-10 parquet folder (train, test)")
     parser.add_argument("--n-train", type=int, default=20_000, help="--prepare-data: training images (balanced)")
     parser.add_argument("--n-test", type=int, default=5_000, help="--prepare-data: test rows from row 0")
     parser.add_argument("--worker", choices=("fsdp2", "compile"), help=argparse.SUPPRESS)
@@ -479,6 +484,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.out is None and args.prepare_data is None:
         parser.error("--out is required (or --prepare-data DIR)")
+    if args.prepare_data is not None and args.source is None:
+        parser.error("--prepare-data needs --source: the CIFAR-10 parquet folder (train.parquet, test.parquet)")
     unknown = set(args.sections.split(",")) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")

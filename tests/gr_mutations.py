@@ -1,0 +1,137 @@
+"""Deliberate breakages of hf_gr, each patching one module-level function that the library calls through its
+module (`schedule.plan_step(...)`, `gradient.mix_(...)`, ...).
+
+`tests/test_mutations.py` applies them with `apply(name, monkeypatch)`. The module is also a pytest plugin, to try
+a mutation on any test: `HF_GR_MUTATION=<name> PYTHONPATH=tests python -m pytest -p gr_mutations tests/...` runs
+the whole session on the broken library; `HF_GR_MUTATION_REPORT=<path>` then writes a JSON record of how often the
+patched function ran and each test's outcome with the type of the exception that failed it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from hf_gr import gradient, replay, schedule
+
+DEFAULT_R = 0.1  # GRArguments' default gr_r
+
+MUTATIONS = {
+    "gr_off": "every GR step runs as a plain step (one pass, g = g1), while λ_t and r_t are still logged",
+    "alpha_ignored": "the combination uses α = 1 (SAM: g = g2) whatever λ/r is",
+    "radius_ignored": f"the perturbation has the default radius {DEFAULT_R}, whatever gr_r or the r-warmup says",
+    "warmup_ignored": "the warmup fraction is always 1: full GR from the first step, for every strategy",
+    "reuse_rho_ignores_alpha": "the kept LookSAM ρ is that of the unweighted g2 − g1, not of g_GR − g1 = α·(g2 − g1)",
+    "reuse_not_applied": "a reuse step applies no correction: it is a plain step",
+    "pass2_not_combined": "pass 2's gradient is dropped where the combination forms g1 + α·(g2 − g1) + A: g = g1 + A",
+    "dropout_not_replayed": "pass 2 does not rewind the RNG: it draws other dropout masks than pass 1",
+}
+
+
+class Calls:
+    """Counts the calls of a patched function (a mutation that is never reached proves nothing)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def wrap(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return function(*args, **kwargs)
+
+        return counted
+
+
+def apply(name: str, patch: pytest.MonkeyPatch) -> Calls:
+    """Break the library as `MUTATIONS[name]` says, through `patch`; the returned counter counts the broken calls."""
+    calls = Calls()
+    if name == "gr_off":
+        plan_step = schedule.plan_step
+
+        def plain_plan(*args: Any, **kwargs: Any) -> schedule.StepPlan:
+            plan = plan_step(*args, **kwargs)
+            return schedule.StepPlan(schedule.PLAIN, plan.gr_lambda, plan.gr_r) if plan.kind == schedule.GR else plan
+
+        patch.setattr(schedule, "plan_step", calls.wrap(plain_plan))
+    elif name == "alpha_ignored":
+        mix_ = gradient.mix_
+
+        def sam_mix(first: Any, second: Any, alpha: float, *rest: Any) -> Any:
+            return mix_(first, second, 1.0, *rest)
+
+        patch.setattr(gradient, "mix_", calls.wrap(sam_mix))
+    elif name == "radius_ignored":
+        perturb_ = gradient.perturb_
+
+        def default_radius(params: Any, grads: Any, r: float, *rest: Any) -> None:
+            perturb_(params, grads, DEFAULT_R, *rest)
+
+        patch.setattr(gradient, "perturb_", calls.wrap(default_radius))
+    elif name == "warmup_ignored":
+        patch.setattr(schedule, "warmup_fraction", calls.wrap(lambda step, warmup_steps: 1.0))
+    elif name == "reuse_rho_ignores_alpha":
+        plan_step, correction_ = schedule.plan_step, gradient.orthogonal_correction_
+        last_alpha = [1.0]
+
+        def recording_plan(*args: Any, **kwargs: Any) -> schedule.StepPlan:
+            plan = plan_step(*args, **kwargs)
+            if plan.kind == schedule.GR:
+                last_alpha[0] = plan.alpha
+            return plan
+
+        def unweighted(*args: Any, **kwargs: Any) -> Any:
+            # u is the same direction either way; ρ of c = g2 − g1 is ρ of α·(g2 − g1) divided by α
+            return correction_(*args, **kwargs) / last_alpha[0]
+
+        patch.setattr(schedule, "plan_step", recording_plan)
+        patch.setattr(gradient, "orthogonal_correction_", calls.wrap(unweighted))
+    elif name == "reuse_not_applied":
+        patch.setattr(gradient, "add_correction_", calls.wrap(lambda *args, **kwargs: None))
+    elif name == "pass2_not_combined":
+
+        def first_only(first: Any, second: Any, alpha: float, accumulated: Any = None) -> Any:
+            if accumulated is not None:
+                first.add_(accumulated)
+            return first
+
+        patch.setattr(gradient, "mix_", calls.wrap(first_only))
+    elif name == "dropout_not_replayed":
+        patch.setattr(replay, "set_rng_state", calls.wrap(lambda state: None))
+    else:
+        raise ValueError(f"the mutation must be one of {', '.join(MUTATIONS)}, got {name!r}.")
+    return calls
+
+
+_patch = pytest.MonkeyPatch()
+_calls = Calls()
+_outcomes: dict[str, dict[str, str | None]] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _calls
+    name = os.environ.get("HF_GR_MUTATION", "")
+    if name:
+        _calls = apply(name, _patch)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    report = yield
+    if report.failed or report.when == "call":
+        error = call.excinfo.typename if call.excinfo is not None else None
+        if report.failed or item.nodeid not in _outcomes:
+            _outcomes[item.nodeid] = {"outcome": report.outcome, "when": report.when, "error": error}
+    return report
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _patch.undo()
+    path = os.environ.get("HF_GR_MUTATION_REPORT")
+    if path:
+        record = {"mutation": os.environ.get("HF_GR_MUTATION", ""), "calls": _calls.count, "tests": _outcomes}
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
