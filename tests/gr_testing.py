@@ -198,6 +198,17 @@ def run_torchrun(script: Path, out: Path, *args: object, nproc: int = 2, timeout
     return torch.load(out, weights_only=False)
 
 
+def finish_distributed(results: dict, out: str) -> None:
+    """End a torchrun script: rank 0 saves `results` to `out` (what `run_torchrun` loads), then all ranks close
+    the process group."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 class GRLogLines(logging.Handler):
     """Collects what `hf_gr.trainer` logs at INFO and above while in a `with` block (`.lines`)."""
 

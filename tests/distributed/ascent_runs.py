@@ -25,7 +25,7 @@ from fsdp2_gr_runs import BATCH, LR, STEPS, R, TinyMLP, mlp_data  # noqa: E402
 from hf_gr import GradientRegularizer, GRArguments  # noqa: E402
 from hf_gr.schedule import StepPlan  # noqa: E402
 
-from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, make_args  # noqa: E402
+from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, finish_distributed, make_args  # noqa: E402
 
 DDP_RUNS = {
     "ascent_ga2": dict(gradient_accumulation_steps=2, gr_ascent_fraction=0.5),
@@ -109,10 +109,7 @@ def main() -> None:
     results = {name: run_ddp(name, dict(overrides), tmp) for name, overrides in DDP_RUNS.items()}
     results["fsdp_ascent_ga2"] = run_fsdp_ascent(2)
     results["world_size"] = dist.get_world_size()
-    if dist.get_rank() == 0:
-        torch.save(results, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_distributed(results, out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from hf_gr import GradientRegularizer, GRArguments, GRTrainer, GRTrainingArguments  # noqa: E402
 from hf_gr.schedule import StepPlan  # noqa: E402
 
-from gr_testing import GRLogLines  # noqa: E402
+from gr_testing import GRLogLines, finish_distributed  # noqa: E402
 
 WORLD, BATCH, STEPS, LR, R = 2, 4, 3, 0.5, 0.1
 COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_reduce")
@@ -226,10 +226,7 @@ def main() -> None:
     empty = [None] * dist.get_world_size()
     dist.all_gather_object(empty, results["gr_ga1_a0.5"]["empty_shard_on_rank1"])
     results["empty_shard_on_rank1"] = empty[1]
-    if dist.get_rank() == 0:
-        torch.save(results, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_distributed(results, out)
 
 
 if __name__ == "__main__":

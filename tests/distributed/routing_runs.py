@@ -21,7 +21,7 @@ from transformers import PretrainedConfig, TrainerCallback
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from hf_gr import GradientRegularizer, GRArguments  # noqa: E402
 
-from gr_testing import DictDataset, SequentialGRTrainer, make_args  # noqa: E402
+from gr_testing import DictDataset, SequentialGRTrainer, finish_distributed, make_args  # noqa: E402
 
 WORLD, BATCH, LAMBDA, R = 2, 4, 0.05, 0.1
 PULL = 20.0  # d(loss)/d(gate) ≈ −PULL dominates ‖g1‖, so the perturbation moves gate by ≈ −r: 0.05 → ≈ −0.05
@@ -140,10 +140,7 @@ def main() -> None:
         results["ddp_used_only_error"] = ""
     except RuntimeError as error:
         results["ddp_used_only_error"] = str(error)
-    if dist.get_rank() == 0:
-        torch.save(results, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_distributed(results, out)
 
 
 if __name__ == "__main__":
