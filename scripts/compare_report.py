@@ -352,12 +352,13 @@ def figure(config: dict[str, Any], data: dict[str, Any], histories: dict[str, An
             stats = [cs.paired([100 * (x[s] - y[s]) / abs(y[s]) for x, y in pairs]) for s in steps]
             name = f"{label(config, a)} − {label(config, b)} ({len(pairs)} seeds)"
             _band(ax, steps, stats, f"C{i}", name)
-            means += [st["mean"] for st in stats]
+            means += [st["mean"] for st in stats if math.isfinite(st["mean"])]
         symlog = max(abs(m) for m in means) > 200  # Adam's first steps: ψ differs by orders of magnitude
         if symlog:
             ax.set_yscale("symlog", linthresh=10)
         margin = 3.0 if symlog else 1.3  # the means set the axis; a band wider than that is cut
-        ax.set_ylim(margin * min(means), margin * max(means))
+        if min(means) < max(means):  # (not before a pair has a difference to show)
+            ax.set_ylim(margin * min(means), margin * max(means))
         for i, (name, (first, last)) in enumerate((per_step.get("windows") or {}).items()):
             ax.axvspan(first, last, color=f"C{i + 4}", alpha=0.08, label=f"window {name}")
         ax.axhline(0, color="k", linewidth=0.8)

@@ -212,6 +212,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     except ValueError as error:  # unused flags, and the checks of TrainingArguments and the GR fields
         raise InputError(f"{error}{did_you_mean(parser, argv)}") from error
     check_args(model_args, data_args, {key: f"config file {config_file}" for key in config if key not in flags})
+    if model_args.model_config is not None and not training_args.do_train:
+        raise InputError(
+            f"--do_train false with --model_config {model_args.model_config!r} would evaluate an untrained, randomly "
+            "initialized model. To evaluate a trained one, give its folder (the --output_dir of the run that trained "
+            "it) as --model_name_or_path instead of --model_config."
+        )
     return model_args, data_args, training_args
 
 

@@ -98,6 +98,11 @@ def test_quickstart_end_to_end(tmp_path):
     predictions = classifier(_digit_image())
     assert predictions[0]["label"] in {str(i) for i in range(10)}
 
+    # The trained folder, evaluated alone (what the refusal of an untrained --model_config eval points to).
+    again = train.main([QUICKSTART, "--model_name_or_path", str(out), "--do_train", "false", *SHORT,
+                        "--output_dir", str(tmp_path / "eval_only")])  # fmt: skip
+    assert again["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
+
 
 def _cifar_subset(path: Path, classes: tuple[int, ...] = (0, 6), per_class: int = 32) -> Path:
     """The first `per_class` CIFAR-10 test images of each of `classes` (airplane, frog), with the file's features."""
@@ -384,6 +389,7 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         ),  # fmt: skip
         "two models": (["--dataset_name", "digits", *scratch, "--model_name_or_path", "x/y"], "exactly one"),
         "no model": (["--dataset_name", "digits"], "exactly one"),
+        "evaluate untrained": (["--dataset_name", "digits", *scratch, "--do_train", "false"], "untrained"),
     }
 
 
@@ -391,7 +397,7 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     "case",
     [
         "unknown config key", "unknown flag", "missing image column", "missing label column", "unreadable file",
-        "missing file", "label outside classes", "unknown override", "two models", "no model",
+        "missing file", "label outside classes", "unknown override", "two models", "no model", "evaluate untrained",
     ],
 )  # fmt: skip
 def test_bad_input_fails_clearly_before_training(case, tmp_path, no_training):
