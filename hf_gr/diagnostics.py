@@ -92,7 +92,7 @@ class GradientNormProbe:
         return self
 
     def _square(self, grad: torch.Tensor) -> None:
-        self.squares.append(grad.detach().double().pow(2).sum().cpu())
+        self.squares.append(grad.detach().double().pow(2).sum())  # read at log time: no host sync here
 
     def __exit__(self, *exc: Any) -> None:
         for handle in self.handles:

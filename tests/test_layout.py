@@ -47,6 +47,24 @@ def test_a_gr_step_reads_nothing_back_to_the_host(tmp_path, overrides):
     assert gr["n"] == 0
 
 
+@pytest.mark.parametrize("gr_lambda", [0.0, 0.1], ids=["plain", "gr"])
+def test_a_step_that_records_diagnostics_reads_nothing_back_to_the_host(tmp_path, gr_lambda):
+    """A diagnostics step (‖g1‖ measured by gradient hooks on a plain step, the GR sums on a GR step) keeps its
+    measurements on the device; they are read once, at log time."""
+    model = TinyNet(dropout=0.1)
+    data = DictDataset(32)
+    trainer = GRTrainer(model=model, args=make_args(tmp_path, gr_lambda=gr_lambda, gr_diagnostics_steps=1))
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.gr_metrics.recording = True
+    trainer.training_step(model, data.batch(0, 8))  # warm-up (lazy allocations)
+    with count_host_syncs() as counts:
+        trainer.state.global_step = 1
+        trainer._gr_plan = None
+        trainer.training_step(model, data.batch(8, 8))
+    assert counts["n"] == 0
+    assert trainer.gr_metrics.pop_means()["gr_grad_norm"] > 0  # it did measure
+
+
 def test_the_counter_sees_a_host_sync():
     with count_host_syncs() as counts:
         torch.ones(2).sum().item()

@@ -28,7 +28,7 @@ DATA_FILE = "cifar10_subset.npz"
 CODING = "rgb-minus-green, 2d-delta, uint8 wraparound (v1)"
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
-HOST_SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+HOST_SYNCS = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "__index__")
 
 
 # ---- the carried CIFAR-10 subset ----
