@@ -75,23 +75,26 @@ def average_across_replicas_(trainable: list[torch.Tensor], world: int) -> None:
                 p.grad = g.copy_(c.view_as(g) / world)
 
 
-def finds_unused_parameters(model: nn.Module) -> bool:
-    """Whether `model` is DDP with `find_unused_parameters` (it then reduces the `.grad` of unused parameters)."""
+def _ddp(model: nn.Module) -> Any:
+    """The `DistributedDataParallel` wrapper `model` is, also under `torch.compile` (which accelerate applies over
+    DDP, keeping it as `_orig_mod`); None when it is not DDP."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return isinstance(model, DistributedDataParallel) and bool(model.find_unused_parameters)
+    model = getattr(model, "_orig_mod", model)
+    return model if isinstance(model, DistributedDataParallel) else None
+
+
+def finds_unused_parameters(model: nn.Module) -> bool:
+    """Whether `model` is DDP with `find_unused_parameters` (it then reduces the `.grad` of unused parameters)."""
+    ddp = _ddp(model)
+    return ddp is not None and bool(ddp.find_unused_parameters)
 
 
 def reduces_only_used_parameters(model: nn.Module) -> bool:
     """Whether `model` is DDP without `find_unused_parameters`, about to all-reduce in this backward: it then
     expects a gradient for every parameter and cannot reduce one that the backward left out."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return (
-        isinstance(model, DistributedDataParallel)
-        and not model.find_unused_parameters
-        and bool(model.require_backward_grad_sync)
-    )
+    ddp = _ddp(model)
+    return ddp is not None and not ddp.find_unused_parameters and bool(ddp.require_backward_grad_sync)
 
 
 def reached_parameters(outputs: Any) -> set[int]:

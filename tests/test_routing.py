@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel
 
-from hf_gr import GradientRegularizer, GRArguments
+from hf_gr import GradientRegularizer, GRArguments, sync
 
-from gr_testing import DictDataset, max_rel_err, run_torchrun
+from gr_testing import DictDataset, free_port, max_rel_err, run_torchrun
 
 SCRIPT = Path(__file__).parent / "distributed" / "routing_runs.py"
 sys.path.insert(0, str(SCRIPT.parent))
@@ -165,3 +167,21 @@ def test_fsdp2_gr_counts_a_missing_gradient_as_zero(routed, run_name, accumulati
     assert got[NEITHER] is None
     assert _err(got, want) < 1e-6
     assert _err(got, want, [ONLY_PASS_1]) < 1e-6 and _err(got, want, [ONLY_PASS_2]) < 1e-6
+
+
+@pytest.mark.parametrize("find_unused", [True, False])
+def test_a_compiled_ddp_model_is_recognised_as_ddp(find_unused, monkeypatch):
+    """accelerate compiles over DDP (`torch.compile(DDP(model))`): GR must still see DDP's `find_unused_parameters`
+    (it decides how a parameter in only one pass's graph gets its gradient), not a plain module."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(torch.nn.Linear(2, 2), find_unused_parameters=find_unused)
+        compiled = torch.compile(ddp, backend="eager")
+        assert compiled is not ddp and not isinstance(compiled, DistributedDataParallel)
+        assert sync.finds_unused_parameters(compiled) is find_unused
+        assert sync.reduces_only_used_parameters(compiled) is not find_unused
+        assert not sync.finds_unused_parameters(torch.compile(torch.nn.Linear(2, 2), backend="eager"))
+    finally:
+        dist.destroy_process_group()
