@@ -1,0 +1,99 @@
+"""The README's CPU-study numbers are the committed study's: each paired difference it quotes is recomputed here
+from the per-run records in docs/ with scipy (independently of scripts/compare_stats.py), and each mechanism
+figure is looked up in the generated report's window table."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _text(path: Path) -> str:
+    return " ".join(path.read_text(encoding="utf-8").replace("−", "-").split())
+
+
+README = _text(ROOT / "README.md")
+
+# (study, arm a, arm b): the README quotes the mean ([low, high]) of a − b in test-error points.
+TEST_ERROR_CLAIMS = [
+    ("study-cpu", "gr-no-lr-warmup", "plain-no-lr-warmup"),
+    ("study-cpu", "gr", "plain"),
+    ("study-cpu", "lambda-warmup", "gr"),
+    ("study-cpu", "r-warmup", "gr"),
+    ("study-cpu", "zero-warmup", "gr"),
+    ("study-cpu", "zero-warmup", "plain"),
+    ("study-cpu", "zero-warmup-p0.5", "zero-warmup"),
+    ("study-ascent", "zero-warmup-ascent25", "zero-warmup"),
+]
+
+
+def _metric(study: str, arm: str, metric: str) -> dict[int, float]:
+    runs = json.loads((ROOT / "docs" / f"{study}.json").read_text())["runs"]
+    return {r["seed"]: r["metrics"][metric] for r in runs if r["arm"] == arm}
+
+
+def _paired(study: str, a: str, b: str, metric: str = "test_error_rate") -> tuple[float, float, float, float]:
+    xa, xb = _metric(study, a, metric), _metric(study, b, metric)
+    diffs = [100 * (xa[s] - xb[s]) for s in sorted(xa.keys() & xb.keys())]
+    assert len(diffs) >= 5
+    mean, se = statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
+    half = stats.t.ppf(0.975, len(diffs) - 1) * se
+    return mean, mean - half, mean + half, float(stats.ttest_1samp(diffs, 0.0).pvalue)
+
+
+@pytest.mark.parametrize("study, a, b", TEST_ERROR_CLAIMS, ids=[f"{a}-{b}" for _, a, b in TEST_ERROR_CLAIMS])
+def test_each_quoted_test_error_difference_is_the_records(study, a, b):
+    mean, low, high, p = _paired(study, a, b)
+    quoted = f"{mean:+.2f} ([{low:+.2f}, {high:+.2f}]".lstrip("+")
+    assert quoted in README, quoted
+    # Worded by its statistics: a p is quoted (with a claim) only when p < 0.05.
+    if p < 0.05:
+        assert f"{quoted}, p = {p:.2g}" in README
+    else:
+        assert f"{quoted}, p =" not in README
+
+
+def test_the_cheaper_modes_page_quotes_the_ascent_study():
+    mean, low, high, p = _paired("study-ascent", "zero-warmup-ascent25", "zero-warmup")
+    page = _text(ROOT / "docs" / "cheaper-gr.md")
+    assert f"{mean:+.2f} points, 95 % CI [{low:+.2f}, {high:+.2f}], p = {p:.2f}" in page
+    errors = [statistics.mean(_metric("study-ascent", arm, "test_error_rate").values()) for arm in
+              ("zero-warmup-ascent25", "zero-warmup")]  # fmt: skip
+    assert f"test error {100 * errors[0]:.2f} ± " in page and f"against {100 * errors[1]:.2f} ± " in page
+
+
+def test_the_regime_numbers_are_the_records():
+    plain_train = statistics.mean(_metric("study-cpu", "plain", "train_clean_error_rate").values())
+    plain_test = statistics.mean(_metric("study-cpu", "plain", "test_error_rate").values())
+    assert (
+        f"{100 * plain_train:.1f} % error on its own training images, {100 * plain_test:.1f} % on held-out" in README
+    )
+
+
+def _window_cells() -> dict[tuple[str, str], list[float]]:
+    """GR − plain (with LR warmup) in the report's window table: (statistic, window) → the relative difference's
+    mean, low and high, in percent."""
+    report = (ROOT / "docs" / "study-cpu.md").read_text(encoding="utf-8").replace("−", "-").replace("–", "-")
+    cells = {}
+    for line in report.splitlines():
+        row = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(row) == 9 and row[0] == "GR - plain":
+            cells[(row[1], row[2].split(" (")[0])] = [float(x) for x in re.findall(r"[-+]?\d+\.\d+", row[7])]
+    return cells
+
+
+def test_the_quoted_mechanism_figures_are_the_reports():
+    cells = _window_cells()
+    for window in ("rest of warmup", "W-2W"):  # "lowered ‖g1‖ by 28 % over ... and 39 % over ..."
+        mean, _, high = cells[("gr_grad_norm", window)]
+        assert high < 0 and f"{-round(mean)} % over" in README
+    for key in [("adaptive_psi_mean", "rest of warmup"), ("adaptive_psi_mean", "W-2W"), ("adaptive_psi_var", "W-2W")]:
+        mean, low, high = (round(x) for x in cells[key])
+        assert low > 0 and f"{mean} % ([{low}, {high}] %)" in README, key
