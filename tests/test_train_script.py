@@ -528,7 +528,7 @@ def test_fast_path_equals_the_image_processor():
 def test_trains_and_evaluates_by_default_even_with_an_eval_strategy():
     _, _, args = train.parse_args(["--dataset_name", "digits", "--model_config", "vit-ti", "--eval_strategy", "epoch"])
     assert args.do_train and args.do_eval
-    _, _, args = train.parse_args(["--dataset_name", "digits", "--model_config", "vit-ti", "--do_train", "false"])
+    _, _, args = train.parse_args(["--dataset_name", "digits", "--model_name_or_path", "x/y", "--do_train", "false"])
     assert not args.do_train and args.do_eval
 
 
