@@ -39,9 +39,12 @@ def _metric(study: str, arm: str, metric: str) -> dict[int, float]:
     return {r["seed"]: r["metrics"][metric] for r in runs if r["arm"] == arm}
 
 
-def _paired(study: str, a: str, b: str, metric: str = "test_error_rate") -> tuple[float, float, float, float]:
+def _paired(
+    study: str, a: str, b: str, metric: str = "test_error_rate", scale: float = 100
+) -> tuple[float, float, float, float]:
+    """Mean, 95 % t-interval and paired t-test p of `scale` × (a − b), paired by seed (100: rates in points)."""
     xa, xb = _metric(study, a, metric), _metric(study, b, metric)
-    diffs = [100 * (xa[s] - xb[s]) for s in sorted(xa.keys() & xb.keys())]
+    diffs = [scale * (xa[s] - xb[s]) for s in sorted(xa.keys() & xb.keys())]
     assert len(diffs) >= 5
     mean, se = statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
     half = stats.t.ppf(0.975, len(diffs) - 1) * se
@@ -58,6 +61,23 @@ def test_each_quoted_test_error_difference_is_the_records(study, a, b):
         assert f"{quoted}, p = {p:.2g}" in README
     else:
         assert f"{quoted}, p =" not in README
+
+
+# Other differences the README quotes: (study, a, b, metric, scale, the quoted form, the p it must be below).
+OTHER_CLAIMS = [
+    ("study-cpu", "gr", "plain", "test_loss", 1, "test loss ({mean:+.2f} against plain, p < 0.001)", 0.001),
+    ("study-cpu", "gr", "plain", "train_clean_error_rate", 100, "more training images ({mean:+.0f} points)", 0.001),
+    ("study-ascent", "zero-warmup-ascent25", "zero-warmup", "test_loss", 1, "loss ({mean:+.2f}, p = {p:.1g})", 0.05),
+]
+
+
+@pytest.mark.parametrize(
+    "study, a, b, metric, scale, form, below", OTHER_CLAIMS, ids=["gr-loss", "gr-train", "ascent"]
+)
+def test_each_quoted_loss_and_training_error_difference_is_the_records(study, a, b, metric, scale, form, below):
+    mean, _, _, p = _paired(study, a, b, metric, scale)
+    assert p < below
+    assert form.format(mean=mean, p=p) in README
 
 
 def test_the_cheaper_modes_page_quotes_the_ascent_study():
@@ -97,3 +117,10 @@ def test_the_quoted_mechanism_figures_are_the_reports():
     for key in [("adaptive_psi_mean", "rest of warmup"), ("adaptive_psi_mean", "W-2W"), ("adaptive_psi_var", "W-2W")]:
         mean, low, high = (round(x) for x in cells[key])
         assert low > 0 and f"{mean} % ([{low}, {high}] %)" in README, key
+
+
+def test_the_quoted_interval_widths_are_the_records():
+    """ "A 95 % interval here reaches 0.5–1.1 points either side of its mean": the half-widths of the study's
+    test-error intervals."""
+    halves = [(high - low) / 2 for low, high in (_paired(*claim)[1:3] for claim in TEST_ERROR_CLAIMS[:7])]
+    assert f"reaches {min(halves):.1f}–{max(halves):.1f} points either side" in README
