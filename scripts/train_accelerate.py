@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if args.checkpoint_dir:
             accelerator.save_state(os.path.join(args.checkpoint_dir, f"epoch_{epoch}"))
 
+    accelerator.wait_for_everyone()  # no process ends the process group while another is still in a collective
     accelerator.end_training()
     return {"eval_accuracy": accuracy, "steps": regularizer.completed_steps, "last_loss": loss.item()}
 

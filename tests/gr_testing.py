@@ -9,7 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -198,15 +198,19 @@ def run_torchrun(script: Path, out: Path, *args: object, nproc: int = 2, timeout
     return torch.load(out, weights_only=False)
 
 
-def finish_distributed(results: dict, out: str) -> None:
+def finish_distributed(results: dict, out: str) -> NoReturn:
     """End a torchrun script: rank 0 saves `results` to `out` (what `run_torchrun` loads), then all ranks close
-    the process group."""
+    the process group and exit (the function does not return)."""
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
         torch.save(results, out)
     dist.barrier()
     dist.destroy_process_group()
+    # Leave without C++ destructors at interpreter exit, where torch's gloo teardown can abort under load.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class GRLogLines(logging.Handler):

@@ -104,6 +104,11 @@ def main() -> None:
     # The example script, as `torchrun --nproc_per_node 2 scripts/train_accelerate.py` runs it (one epoch); it ends
     # the process group (`accelerator.end_training()`), so each rank writes its own result.
     torch.save(train_accelerate.main(["--epochs", "1"]), f"{out}.script_rank{rank}")
+    # Everything is saved and the process group is closed: leave without running C++ destructors at interpreter
+    # exit, where torch's gloo teardown can abort ("terminate called without an active exception") under load.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
