@@ -4,6 +4,8 @@
     python scripts/compare.py configs/study/cpu.yaml                      # runs what is missing, then reports
     python scripts/compare.py configs/study/cpu.yaml --data_source PATH   # the data found elsewhere
     python scripts/compare.py configs/study/cpu.yaml --report_only        # the report and figure, from the repo
+    python scripts/compare.py configs/study/cpu.yaml --arms plain --seeds 0   # one cell: run it, or re-run it and
+                                                                          # check it against its record bit for bit
 
 The YAML names a base `train.py` configuration (a mapping, or the path of a train.py YAML), the arms (name →
 overrides of the base), the seeds, the pool size and the pairs of arms to compare. Each run is `train.py` in its
@@ -18,6 +20,8 @@ during training.
 Outputs (in `docs_dir`): `<name>.json` (one record per run, each with its environment), `<name>.md` (the
 paired differences with their 95 % t-intervals and t-test p, costs, per-step windows), `<name>.png` and
 `<name>-histories.json.gz` (the per-step logs the report and figure need, so `--report_only` works from the repo).
+With `--commit` each finished run's record and history are committed to git as it finishes, so a study that spans
+several sessions resumes from what is committed.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ CONFIG_KEYS = {
     "per_step": "{keys: [...], pairs: [[a, b]], windows: {label: [first, last]}, every_after: n}",
     "determinism": "{arm, seed, max_steps}: run that arm twice and compare the final weights bit for bit",
 }
+RUN_OPTIONS = ("only_arms", "only_seeds", "commit")  # set from the command line, not part of the YAML
 HISTORY_KEYS = ("loss", "eval_loss", "gr_step_fraction", "gr_reuse_fraction")
 
 
@@ -190,11 +195,16 @@ def prepare_data(config: dict[str, Any]) -> None:
 # ---- the environment ----
 
 
+PACKAGES = ("torch", "transformers", "accelerate", "datasets", "evaluate", "huggingface-hub", "safetensors",
+            "numpy", "pyarrow", "pillow", "scikit-learn", "pyyaml", "scipy")
+
+
 def environment(config: dict[str, Any]) -> dict[str, Any]:
-    """What a run's numbers depend on besides its arguments: library versions, the CPU, threads, the device."""
-    import accelerate
+    """What a run's numbers depend on besides its arguments: every package version, the data files' SHA-256, the
+    CPU, threads, the device, and the git commit with whether the tree had uncommitted changes."""
+    from importlib import metadata
+
     import torch
-    import transformers
 
     cpu = "unknown"
     if Path("/proc/cpuinfo").is_file():
@@ -203,19 +213,46 @@ def environment(config: dict[str, Any]) -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     gpus = gpu_count(config)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    packages = {}
+    for name in PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
+        "transformers": packages["transformers"],
+        "accelerate": packages["accelerate"],
+        "packages": packages,
+        "data_sha256": data_digests(config),
         "platform": platform.platform(),
         "cpu": cpu,
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "threads": config["threads"] if not gpus else None,
         "device": torch.cuda.get_device_name(0) if gpus else "cpu",
-        "commit": commit,
+        "commit": git("rev-parse", "HEAD"),
+        # tracked files changed and not committed (run folders and study records are not code)
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "hf_gr", "scripts", "configs")),
     }
+
+
+def data_digests(config: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 of each source file the `data.splits` read (the prepared subsets are slices of these)."""
+    data = config.get("data") or {}
+    source = REPO / str(data.get("source", ""))
+    digests = {}
+    for file in sorted({spec[0] for spec in (data.get("splits") or {}).values()}):
+        digest = hashlib.sha256()
+        with (source / file).open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digests[file] = digest.hexdigest()
+    return digests
 
 
 def gpu_count(config: dict[str, Any]) -> int:
@@ -250,11 +287,13 @@ def train(config: dict[str, Any], arm: str, seed: int, gpu: int | None, extra: d
     else:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     command = [sys.executable, str(TRAIN), str(path / "compare_args.yaml")]
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     start = time.perf_counter()
     with path.with_suffix(".log").open("w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     wall_s = time.perf_counter() - start
-    (path / "compare_run.json").write_text(json.dumps({"wall_s": wall_s, "args": args}, indent=1))
+    meta = {"wall_s": wall_s, "load_average_at_start": load, "args": args}
+    (path / "compare_run.json").write_text(json.dumps(meta, indent=1))
     return wall_s
 
 
@@ -281,9 +320,11 @@ def history_of(path: Path, config: dict[str, Any]) -> dict[str, list[list[float]
     return out
 
 
-def record(config: dict[str, Any], arm: str, seed: int, env: dict[str, Any]) -> dict[str, Any]:
+def record(
+    config: dict[str, Any], arm: str, seed: int, env: dict[str, Any], folder: Path | None = None
+) -> dict[str, Any]:
     """The JSON record of a finished run: its arguments, final metrics, validation summary, cost, environment."""
-    path = REPO / run_dir(config, arm, seed)
+    path = REPO / (folder or run_dir(config, arm, seed))
     meta = json.loads((path / "compare_run.json").read_text())
     state = json.loads((path / "trainer_state.json").read_text())
     results = json.loads((path / "all_results.json").read_text())
@@ -307,8 +348,9 @@ def record(config: dict[str, Any], arm: str, seed: int, env: dict[str, Any]) -> 
         "forward_backward_passes": round(steps * accumulation * (1 + share * ascent_fraction(meta["args"]))),
         "wall_s": meta["wall_s"],
         "train_runtime": results.get("train_runtime"),
+        "model_sha256": weights_digest(path) if (path / "model.safetensors").is_file() else None,
         "args": meta["args"],
-        "environment": env,
+        "environment": {**env, "load_average_at_start": meta.get("load_average_at_start")},
     }
 
 
@@ -346,7 +388,8 @@ class Study:
         self.json_path = docs / f"{config['name']}.json"
         self.histories_path = docs / f"{config['name']}-histories.json.gz"
         self.lock = threading.Lock()
-        self.data: dict[str, Any] = {"config": config, "runs": [], "determinism": None}
+        stored_config = {k: v for k, v in config.items() if k not in RUN_OPTIONS}  # how it ran is not the study
+        self.data: dict[str, Any] = {"config": stored_config, "runs": [], "determinism": None}
         self.histories: dict[str, Any] = {}
         if self.json_path.is_file():
             stored = json.loads(self.json_path.read_text())
@@ -366,11 +409,25 @@ class Study:
     def has(self, arm: str, seed: int) -> bool:
         return any(r["arm"] == arm and r["seed"] == seed for r in self.data["runs"])
 
+    def record_of(self, arm: str, seed: int) -> dict[str, Any] | None:
+        return next((r for r in self.data["runs"] if r["arm"] == arm and r["seed"] == seed), None)
+
     def add(self, entry: dict[str, Any], history: dict[str, Any]) -> None:
         with self.lock:
             self.data["runs"].append(entry)
             self.histories[f"{entry['arm']}-seed{entry['seed']}"] = history
             self.save()
+            if self.config.get("commit"):
+                self.commit(f"{self.config['name']}: {entry['arm']} seed {entry['seed']}")
+
+    def commit(self, message: str) -> None:
+        """Commit the record and the histories alone (nothing else staged is taken), so a later session resumes."""
+        paths = [str(p.resolve()) for p in (self.json_path, self.histories_path)]
+        for command in (["git", "add", "--", *paths], ["git", "commit", "-q", "-m", message, "--", *paths]):
+            done = subprocess.run(command, cwd=self.json_path.parent, capture_output=True, text=True)
+            if done.returncode:
+                print(f"not committed ({' '.join(command[:2])}): {done.stderr.strip()}", flush=True)
+                return
 
     def save(self) -> None:
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -389,9 +446,39 @@ class Study:
                              docs / f"{self.config['name']}.png")  # fmt: skip
 
 
+def cells(config: dict[str, Any]) -> list[tuple[str, int]]:
+    """The (arm, seed) cells, seed by seed (so an interrupted study has whole seeds), limited to `--arms` and
+    `--seeds` when given."""
+    arms, seeds = config.get("only_arms") or list(config["arms"]), config.get("only_seeds") or config["seeds"]
+    return [(a, s) for s in seeds for a in arms]
+
+
 def pending(config: dict[str, Any], study: Study) -> list[tuple[str, int]]:
-    """The (arm, seed) runs not recorded yet, seed by seed (so an interrupted study has whole seeds)."""
-    return [(a, s) for s in config["seeds"] for a in config["arms"] if not study.has(a, s)]
+    """The (arm, seed) runs not recorded yet."""
+    return [(a, s) for a, s in cells(config) if not study.has(a, s)]
+
+
+TIMING = ("_runtime", "_per_second")
+
+
+def recheck(config: dict[str, Any], study: Study, env: dict[str, Any], arm: str, seed: int) -> list[str]:
+    """Re-run a recorded cell in `<output_dir>/rerun/` and compare it with its record: every final metric but the
+    timings, the step count and the weights' SHA-256 must be equal bit for bit. Returns the differences."""
+    stored = study.record_of(arm, seed)
+    folder = Path(config["output_dir"]) / "rerun" / f"{arm}-seed{seed}"
+    print(f"{time.strftime('%H:%M:%S')} re-run {arm} seed {seed} to check it against its record", flush=True)
+    train(config, arm, seed, 0 if gpu_count(config) else None, {"output_dir": str(folder)})
+    fresh = record(config, arm, seed, env, folder)
+    differences = []
+    for key in sorted({*stored["metrics"], *fresh["metrics"]}):
+        if key.endswith(TIMING):
+            continue
+        if stored["metrics"].get(key) != fresh["metrics"].get(key):
+            differences.append(f"{key}: recorded {stored['metrics'].get(key)!r}, now {fresh['metrics'].get(key)!r}")
+    for key in ("steps", "model_sha256"):
+        if stored.get(key) is not None and stored.get(key) != fresh.get(key):
+            differences.append(f"{key}: recorded {stored.get(key)!r}, now {fresh.get(key)!r}")
+    return differences
 
 
 def run_one(config: dict[str, Any], study: Study, env: dict[str, Any], arm: str, seed: int, slots: Queue) -> None:
@@ -451,9 +538,17 @@ def run_study(config: dict[str, Any], pool: int | None) -> list[str]:
     slots: Queue = Queue()
     for slot in range(size):
         slots.put(slot % gpus if gpus else None)
+    failures: list[str] = []
+    if config.get("only_arms") or config.get("only_seeds"):
+        for arm, seed in cells(config):
+            if study.has(arm, seed):
+                differences = recheck(config, study, env, arm, seed)
+                for difference in differences:
+                    failures.append(f"{arm} seed {seed} differs from its record: {difference}")
+                if not differences:
+                    print(f"{arm} seed {seed}: identical to its record (metrics, steps, weights)", flush=True)
     todo = pending(config, study)
     print(f"{len(todo)} runs to do, {len(study.data['runs'])} recorded; {size} at a time", flush=True)
-    failures: list[str] = []
 
     def job(arm: str, seed: int) -> None:
         try:
@@ -500,9 +595,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_source", help="the folder the YAML's data.splits files are read from")
     parser.add_argument("--pool", type=int, help="runs at a time (default: the YAML's pool, else one per CPU/GPU)")
     parser.add_argument("--report_only", action="store_true", help="rebuild the report and figure; run nothing")
+    parser.add_argument("--arms", nargs="+", help="only these arms (a recorded cell is re-run and checked)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds (a recorded cell is re-run, checked)")
+    parser.add_argument("--commit", action="store_true", help="git-commit each finished run's record as it finishes")
     args = parser.parse_args(argv)
     try:
         config = load_config(Path(args.config), args.data_source)
+        config.update(only_arms=args.arms, only_seeds=args.seeds, commit=args.commit)
+        for arm in args.arms or []:
+            if arm not in config["arms"]:
+                arms = ", ".join(config["arms"])
+                raise ConfigError(f"--arms: {arm!r} is not an arm of {args.config}; its arms: {arms}.")
+        for seed in args.seeds or []:
+            if seed not in config["seeds"]:
+                raise ConfigError(f"--seeds: {seed} is not a seed of {args.config}; its seeds: {config['seeds']}.")
         if args.report_only:
             report_only(config)
             print(f"wrote {config['docs_dir']}/{config['name']}.md and .png")
