@@ -31,6 +31,11 @@ ADAPTIVE_LR_KEYS = (
 )
 
 
+def perturbed_loss_rise(loss: torch.Tensor, perturbed_loss: torch.Tensor) -> torch.Tensor:
+    """`gr_sharpness` of one micro-batch: L(θ + ε) − L(θ), pass 2's loss less pass 1's (on the device)."""
+    return perturbed_loss - loss
+
+
 class GRMetrics:
     """A training step's GR metrics, as TRL keeps `_metrics`: values added as they are measured, averaged into the
     next log entry by `pop_means`. Kept as running sums (tensors stay on the device until the log), so a run that
@@ -194,7 +199,7 @@ class GRDiagnosticsCallback(TrainerCallback):
         self.every = every
         self.metrics: GRMetrics | None = None
 
-    def _bind(self, metrics: GRMetrics) -> None:
+    def bind(self, metrics: GRMetrics) -> None:
         """Give the callback the trainer's `GRMetrics` (done by `GRMixin`)."""
         self.metrics = metrics
 

@@ -43,6 +43,19 @@ def put_back_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | Non
         p.grad = None if grads is None else grads[i]
 
 
+def accumulate_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None] | None) -> None:
+    """`.grad` ← `.grad` + the tensors `take_grads` returned, as backward accumulates (a gradient missing on
+    either side is the other one)."""
+    for p, g in zip(params, grads or [None] * len(params)):
+        if g is None:
+            continue
+        if p.grad is None:
+            p.grad = g
+        else:
+            with torch.no_grad():
+                p.grad.add_(g)
+
+
 def squared_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """Σ‖g‖² over `grads`, accumulated in float32 or wider, on the first gradient's device (0-dim; 0 for none).
 
@@ -70,11 +83,6 @@ def combine_partials(partials: Sequence[torch.Tensor], device: torch.device) -> 
     for part in partials:
         dtype = torch.promote_types(dtype, part.dtype)
     return torch.stack([part.to(device=device, dtype=dtype) for part in partials]).sum()
-
-
-def global_grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm over all `grads` together (see `squared_norm`)."""
-    return squared_norm(grads).sqrt()
 
 
 def norm_floor(grads: Sequence[torch.Tensor]) -> float:

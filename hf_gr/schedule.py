@@ -152,3 +152,61 @@ def scheduler_warmup_steps(scheduler: Any) -> int | None:
     if isinstance(scheduler, torch_schedulers.LinearLR) and scheduler.start_factor < scheduler.end_factor:
         return int(scheduler.total_iters)
     return None
+
+
+Coefficients = Callable[[float, float, float], tuple[float, float]]  # (λ, r, f(t)) → (λ_t, r_t)
+
+
+class StepPlanner:
+    """The plan phase of a GR step: what each optimizer step does, made once at its first micro-batch.
+
+    (λ_t, r_t) come from the warmup at LR-schedule step t, then `gr_interval`, `gr_probability` (ramped with
+    `gr_probability_end`) and `gr_reuse` pick a GR, plain or reuse step. λ, r and the modes are read from `args` at
+    every plan, so a change of the arguments (a resume, `hyperparameter_search`) takes effect at the next step.
+
+    Args:
+        args (`GRArguments`): the GR settings.
+        seed (`int`): the seed of the `gr_probability` draws.
+        coefficients (`Callable`, *optional*): (λ, r, f(t)) → (λ_t, r_t), a warmup callback's `coefficients`
+            (default: those of `args.gr_warmup_strategy`).
+    """
+
+    def __init__(self, args: Any, seed: int = 0, coefficients: Coefficients | None = None) -> None:
+        self.args, self.seed, self.custom_coefficients = args, seed, coefficients
+        self._first_eligible: tuple[tuple[Any, ...], int] | None = None  # (what t0 depends on, t0)
+
+    def coefficients(self, fraction: float) -> tuple[float, float]:
+        """(λ_t, r_t) at warmup fraction f(t)."""
+        a = self.args
+        if self.custom_coefficients is not None:
+            return self.custom_coefficients(a.gr_lambda, a.gr_r, fraction)
+        return warmup_coefficients(a.gr_warmup_strategy, a.gr_lambda, a.gr_r, fraction)
+
+    def probability(self, step: int, warmup_steps: int, total_steps: int | None) -> float:
+        """p_t: `gr_probability`, ramped from the first eligible step to the run's last with `gr_probability_end`."""
+        a = self.args
+        if a.gr_probability_end is None:
+            return a.gr_probability
+        if total_steps is None:
+            raise ValueError("gr_probability_end ramps p up to the last step of training: give the run's total steps.")
+        return ramped_probability(a.gr_probability, a.gr_probability_end, step, self.first_eligible(warmup_steps),
+                                  total_steps)  # fmt: skip
+
+    def first_eligible(self, warmup_steps: int) -> int:
+        """t0, the first LR-schedule step on which the warmup lets GR run (`first_eligible_step`), kept until λ, r,
+        the strategy or W change."""
+        a = self.args
+        key = (warmup_steps, a.gr_lambda, a.gr_r, a.gr_warmup_strategy, self.custom_coefficients)
+        if self._first_eligible is None or self._first_eligible[0] != key:
+            self._first_eligible = (key, first_eligible_step(self.coefficients, warmup_steps))
+        return self._first_eligible[1]
+
+    def plan(self, step: int, warmup_step: int, warmup_steps: int, total_steps: int | None = None) -> StepPlan:
+        """The plan of optimizer step `step` (from 0), the LR schedule at step `warmup_step` of a warmup of
+        `warmup_steps` (W), in a run of `total_steps` optimizer steps (needed with `gr_probability_end`)."""
+        gr_lambda, gr_r = self.coefficients(warmup_fraction(warmup_step, warmup_steps))
+        a = self.args
+        return plan_step(
+            gr_lambda, gr_r, step, interval=a.gr_interval, reuse=a.gr_reuse, seed=self.seed,
+            probability=self.probability(step, warmup_steps, total_steps),
+        )  # fmt: skip

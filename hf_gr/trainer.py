@@ -2,10 +2,11 @@
 
     class GRSFTTrainer(GRMixin, SFTTrainer): ...          # with @dataclass class GRSFTConfig(GRArguments, SFTConfig)
 
-The math lives in `hf_gr.gradient`, the passes in `hf_gr.regularizer`, which steps are GR steps in
-`hf_gr.schedule`. This module wires them into the Trainer's loop: the plan of each optimizer step (warmup on the
-LR schedule's step count, then interval, probability, reuse), the second pass's bookkeeping, the metrics logged,
-the checks at start-up, and what a checkpoint holds.
+A GR step as the Trainer runs it: **plan** (`hf_gr.schedule.StepPlanner`, once per optimizer step, on the LR
+schedule's step count) → **passes** (`hf_gr.passes.GRPasses`, per micro-batch, around the parent's own
+`training_step`) → **combine** (`hf_gr.combine`, into `.grad`) → **record** (the metrics logged, `gr_sharpness`,
+the settings record and GR's checkpoint state). This module wires them into the Trainer's loop, with the checks at
+start-up; the math is in `hf_gr.gradient`.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from . import ascent, checkpoint, gradient, hub, record, schedule, sync
+from . import ascent, checkpoint, diagnostics, gradient, hub, record, schedule, sync
 from .arguments import GRArguments, GRTrainingArguments, optimizer_name, validate_gr_arguments
 from .callbacks import WARMUP_CALLBACKS, GRWarmupCallback
 from .diagnostics import GradientNormProbe, GRDiagnosticsCallback, GRMetrics
-from .regularizer import GradientRegularizer
-from .schedule import GR, REUSE, StepPlan
+from .passes import GRPasses
+from .schedule import GR, REUSE, StepPlan, StepPlanner
 
 logger = logging.getLogger(__name__)
 
@@ -85,100 +86,26 @@ class GRMixin:
                 "GRTrainingArguments, or combine them, e.g. `@dataclass class MyConfig(GRArguments, SFTConfig)`."
             )
         validate_gr_arguments(self.args)
-        self._gr_check_setup()
-        self.gr_regularizer = GradientRegularizer(self.model, self.accelerator, self.args, seed=self.args.seed)
+        _refuse_unsupported(self)
+        self.gr_warmup = _bind_warmup_callback(self)
+        warmup = self.gr_warmup.coefficients if self.gr_warmup is not None else None
+        self.gr_planner = StepPlanner(self.args, self.args.seed, coefficients=warmup)
+        self.gr_passes = GRPasses(self.model, self.accelerator, self.args)
         self.gr_metrics = GRMetrics()
-        self._gr_plan: StepPlan | None = None
+        self._gr_plan: StepPlan | None = None  # the current step's, made at its first micro-batch
+        self._gr_last_plan = StepPlan(GR, self.args.gr_lambda, self.args.gr_r)  # what the last step applied
         self._gr_sharpness: torch.Tensor | None = None  # Σ over the step's micro-batches of L(θ + ε) − L(θ)
-        self._gr_last_plan = StepPlan(GR, self.args.gr_lambda, self.args.gr_r)
         self._gr_user_scheduler = self.lr_scheduler is not None
         self._gr_warned_scheduler = False
-        self.gr_warmup = self._gr_bind_warmup_callback()
         given = [cb for cb in self.callback_handler.callbacks if isinstance(cb, GRDiagnosticsCallback)]
         if not given and self.args.gr_diagnostics_steps > 0:
             given = [GRDiagnosticsCallback(self.args.gr_diagnostics_steps)]
             self.add_callback(given[0])
         for callback in given:
-            callback._bind(self.gr_metrics)
-        self.add_callback(_GRStepCallback(self))
+            callback.bind(self.gr_metrics)
+        self.add_callback(_GRStepCallback(self._gr_begin_training, self._gr_start_step, self._gr_end_step,
+                                          self._gr_save_state))  # fmt: skip
         self.add_callback(record.GRSettingsRecord())
-
-    # ---- set-up ----
-
-    def _gr_check_setup(self) -> None:
-        """Refuse, at start-up, what the two-pass step cannot run under, naming what to use instead."""
-        if self.is_deepspeed_enabled:
-            raise ValueError(
-                "GR does not support DeepSpeed: its engine steps the optimizer inside backward and ZeRO-2/3 "
-                "partitions gradients out of `.grad`, so the two-pass GR gradient cannot be formed. Use DDP "
-                "(`accelerate launch --multi_gpu`) or FSDP2 (`fsdp_version: 2`) instead."
-            )
-        if self.is_fsdp_enabled and getattr(self.accelerator, "is_fsdp2", False) is not True:
-            raise ValueError(
-                "GR does not support FSDP1: under FSDP1 the sharded g1 cannot be read per shard. Use FSDP2: "
-                "`fsdp_version: 2` in the accelerate config (configs/accelerate/fsdp2.yaml) or "
-                "fsdp_config={'fsdp_version': 2}."
-            )
-        asked = "fsdp in the arguments" if self.args.fsdp else None
-        if asked is None and parse_flag_from_env("ACCELERATE_USE_FSDP"):
-            asked = "the accelerate config"
-        if asked and not self.is_fsdp_enabled and self.is_local_process_zero():
-            logger.warning(
-                "FSDP was asked for (%s) but the run is %s: accelerate shards only on accelerators (not on CPU or "
-                "with use_cpu), so GR runs unsharded.", asked, self._gr_mode(),
-            )  # fmt: skip
-        # What the Trainer itself reads (transformers >= 5.24); older versions shard nothing at load time.
-        loaded_distributed = getattr(self.model, "is_distributed_loading_by_transformers", False)
-        if loaded_distributed and not _is_fsdp_only(self.model):
-            raise ValueError(
-                "GR does not support models sharded or tensor-parallel at load time (`tp_plan`/`device_mesh`) "
-                "other than plain FSDP2 (`DistributedConfig(fsdp_size=...)` alone): their gradients are reduced "
-                "outside the Trainer's `no_sync`. Load the model whole and use DDP or FSDP2."
-            )
-        optim = optimizer_name(self.args)
-        if optim in ("lomo", "adalomo") or optim.endswith("layerwise"):
-            raise ValueError(
-                f"GR does not support optim={optim!r}: it updates the weights inside backward, so GR's first "
-                "pass would already step the optimizer. Use an optimizer that steps after backward (e.g. adamw_torch)."
-            )
-        if self.args.gr_method == "exact" and self.accelerator.num_processes > 1:
-            raise ValueError(
-                "gr_method='exact' (double backprop) is a single-process verification tool; use "
-                "gr_method='finite_difference' for multi-process training."
-            )
-        if self.args.gr_first_term == "normalized" and (self.args.gradient_accumulation_steps > 1 or self.args.fp16):
-            raise ValueError(
-                "gr_first_term='normalized' (the official code's g1/‖g1‖) is defined for one micro-batch without "
-                "loss scaling: use gradient_accumulation_steps=1 and no fp16, or gr_first_term='raw'."
-            )
-
-    def _gr_bind_warmup_callback(self) -> GRWarmupCallback | None:
-        """The warmup strategy: one passed in `callbacks` wins over `gr_warmup_strategy`; two are an error."""
-        given = [cb for cb in self.callback_handler.callbacks if isinstance(cb, GRWarmupCallback)]
-        if len(given) > 1:
-            raise ValueError(
-                f"{type(self).__name__} got {len(given)} GR warmup callbacks "
-                f"({', '.join(type(c).__name__ for c in given)}); pass at most one, or set gr_warmup_strategy."
-            )
-        if given:
-            callback = given[0]
-            if callback.strategy is None and type(callback).coefficients is GRWarmupCallback.coefficients:
-                raise ValueError(
-                    f"{type(callback).__name__} is not a warmup strategy: pass LambdaWarmupCallback, RWarmupCallback "
-                    "or ZeroWarmupCallback (or a subclass that defines `coefficients`)."
-                )
-            if callback.strategy is not None and callback.strategy != self.args.gr_warmup_strategy:
-                logger.info("Using the %s passed in callbacks instead of gr_warmup_strategy=%r.",
-                            type(callback).__name__, self.args.gr_warmup_strategy)  # fmt: skip
-                self.args.gr_warmup_strategy = callback.strategy  # checkpoints and the model card say what ran
-            if callback.warmup_steps is not None:
-                self.args.gr_warmup_steps = callback.warmup_steps
-            return callback
-        if self.args.gr_warmup_strategy in WARMUP_CALLBACKS:
-            callback = WARMUP_CALLBACKS[self.args.gr_warmup_strategy]()
-            self.add_callback(callback)
-            return callback
-        return None
 
     # ---- the plan of each optimizer step ----
 
@@ -203,28 +130,11 @@ class GRMixin:
     def _gr_step_plan(self) -> StepPlan:
         """The plan of the optimizer step that starts now (computed at its first micro-batch, then kept)."""
         if self._gr_plan is None:
-            fraction = schedule.warmup_fraction(self._gr_schedule_step(), self.gr_warmup_length())
-            gr_lambda, gr_r = self._gr_coefficients(fraction)
-            if self.args.gr_probability_end is not None and self.gr_regularizer._ramp is None:
-                self._gr_set_probability_ramp()
-            self._gr_plan = self.gr_regularizer._plan_from(gr_lambda, gr_r, self.state.global_step)
+            self.gr_planner.args = self.args  # `hyperparameter_search` may swap the arguments
+            warmup_step = schedule.scheduler_step(self.lr_scheduler, default=self.state.global_step)
+            total = int(self.state.max_steps or self.args.max_steps)
+            self._gr_plan = self.gr_planner.plan(self.state.global_step, warmup_step, self.gr_warmup_length(), total)
         return self._gr_plan
-
-    def _gr_coefficients(self, fraction: float) -> tuple[float, float]:
-        """(λ_t, r_t) at warmup fraction f(t), from the warmup callback or `gr_warmup_strategy`."""
-        a = self.args
-        if self.gr_warmup is not None:
-            return self.gr_warmup.coefficients(a.gr_lambda, a.gr_r, fraction)
-        return schedule.warmup_coefficients(a.gr_warmup_strategy, a.gr_lambda, a.gr_r, fraction)
-
-    def _gr_set_probability_ramp(self) -> None:
-        """`gr_probability_end`: p ramps from the first eligible step to the last of the run's `max_steps`."""
-        first = schedule.first_eligible_step(self._gr_coefficients, self.gr_warmup_length())
-        self.gr_regularizer._ramp = (first, int(self.state.max_steps or self.args.max_steps))
-
-    def _gr_schedule_step(self) -> int:
-        """t of the warmup: the LR scheduler's step count (it does not advance on a step the fp16 scaler skips)."""
-        return schedule.scheduler_step(self.lr_scheduler, default=self.state.global_step)
 
     # ---- the training step ----
 
@@ -239,19 +149,17 @@ class GRMixin:
         self._gr_last_plan = plan
         parent = super().training_step
         if plan.kind == GR and self.args.gr_method == "exact":
-            return self._gr_exact_step(parent, model, inputs, num_items_in_batch, plan.gr_lambda)
-        regularizer = self.gr_regularizer
-        regularizer.model, regularizer.args = model, self.args  # `hyperparameter_search` may swap either
+            return _exact_step(self, parent, model, inputs, num_items_in_batch, plan.gr_lambda)
+        passes = self.gr_passes
+        passes.model, passes.args = model, self.args  # `hyperparameter_search` may swap either
         recording = self.gr_metrics.recording
-        regularizer.metrics = self.gr_metrics.add if recording else None
-        if recording:
-            regularizer.diagnostics_scale = self._gr_diagnostics_scale()
+        scale = self._gr_diagnostics_scale() if recording else 1.0
         fraction = ascent.pass_fraction(plan, self.args.gr_ascent_fraction)
         first_inputs = inputs if fraction == 1.0 else ascent.ascent_inputs(inputs, fraction)
         losses: list[torch.Tensor] = []
 
         def one_pass(batch: dict[str, Any], counted: bool) -> torch.Tensor:
-            with contextlib.nullcontext() if counted else self._gr_uncounted_pass():
+            with contextlib.nullcontext() if counted else _uncounted_pass(self):
                 losses.append(parent(model, dict(batch), num_items_in_batch))
             return losses[-1]
 
@@ -262,75 +170,20 @@ class GRMixin:
         def ascent_pass() -> torch.Tensor:
             return one_pass(first_inputs, counted=False)
 
-        if recording and plan.kind != GR:
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            with GradientNormProbe(trainable, regularizer.diagnostics_scale, self.gr_metrics.add):
-                loss = regularizer._micro_batch(run_pass, plan, self.accelerator.sync_gradients)
+        last = self.accelerator.sync_gradients
+        if recording and plan.kind != GR:  # ‖g‖ of a plain or reuse step, measured by gradient hooks
+            with GradientNormProbe(passes.trainable(), scale, self.gr_metrics.add):
+                loss = passes.run(run_pass, plan, last)
         else:
-            loss = regularizer._micro_batch(
-                run_pass, plan, self.accelerator.sync_gradients, ascent_pass if fraction < 1.0 else None
-            )
+            record_to = self.gr_metrics.add if recording else None
+            loss = passes.run(run_pass, plan, last, ascent_pass if fraction < 1.0 else None, record_to, scale)
         if len(losses) == 2:
             self.current_flos += float(self.floating_point_ops(first_inputs))  # the loop counts one pass
             if fraction < 1.0:
                 return losses[1]  # the whole micro-batch's (at θ + ε): pass 1 saw part of it
-            sharpness = losses[1] - losses[0]  # on the device: no host sync
+            sharpness = diagnostics.perturbed_loss_rise(losses[0], losses[1])  # on the device: no host sync
             self._gr_sharpness = sharpness if self._gr_sharpness is None else self._gr_sharpness + sharpness
         return loss
-
-    def _gr_exact_step(self, parent: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any,
-                       gr_lambda: float) -> torch.Tensor:  # fmt: skip
-        """`gr_method="exact"`: the parent's step with λ·‖∇L‖₂ added to whatever `compute_loss` returns.
-
-        The `compute_loss` the parent calls (the user's own, with or without `super()`) is wrapped for this call only.
-        """
-        own = self.__dict__.get("compute_loss")
-        compute_loss = self.compute_loss
-        calls = 0
-
-        def with_penalty(loss_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            result = compute_loss(loss_model, *args, **kwargs)
-            loss, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, None)
-            trainable = [p for p in loss_model.parameters() if p.requires_grad]
-            loss = gradient.exact_gr_loss(loss, trainable, gr_lambda)
-            return loss if rest is None else (loss, *rest)
-
-        self.compute_loss = with_penalty  # type: ignore[method-assign]
-        try:
-            loss = parent(model, inputs, num_items_in_batch)
-        finally:
-            if own is None:
-                del self.compute_loss
-            else:
-                self.compute_loss = own  # type: ignore[method-assign]
-        if calls == 0:
-            raise RuntimeError(
-                f"gr_method='exact' adds λ·‖∇L‖ to the loss that `compute_loss` returns, but the training_step "
-                f"{type(self).__name__} inherits never called it: use gr_method='finite_difference'."
-            )
-        return loss
-
-    @contextlib.contextmanager
-    def _gr_uncounted_pass(self) -> Iterator[None]:
-        """What the parent records per `compute_loss` call (TRL's `_metrics`, token counts) during this pass is
-        dropped, so that each micro-batch counts once."""
-        metrics = getattr(self, "_metrics", None)
-        saved_metrics = None
-        if isinstance(metrics, dict):
-            saved_metrics = {mode: {k: list(v) for k, v in values.items()} for mode, values in metrics.items()
-                             if isinstance(values, dict)}  # fmt: skip
-        tokens = getattr(self, "_total_train_tokens", None)
-        try:
-            yield
-        finally:
-            if saved_metrics is not None:
-                for mode, values in saved_metrics.items():
-                    metrics[mode].clear()
-                    metrics[mode].update(values)
-            if tokens is not None:
-                self._total_train_tokens = tokens
 
     def _gr_diagnostics_scale(self) -> float:
         """What divides a raw gradient norm into one batch's: the fp16 loss scale over the accumulation steps."""
@@ -342,7 +195,7 @@ class GRMixin:
         """Add GR's metrics to every training log entry (the step's λ, r; the fractions; the diagnostics)."""
         if "loss" in logs:
             logs["gr_lambda"], logs["gr_r"] = self._gr_last_plan.gr_lambda, self._gr_last_plan.gr_r
-            degenerate = self.gr_regularizer._pop_degenerate_fraction()
+            degenerate = self.gr_passes.pop_degenerate_fraction()
             if degenerate is not None:
                 self.gr_metrics.add("gr_degenerate_fraction", degenerate)
             logs.update(self.gr_metrics.pop_means(self.args.device if self.args.world_size > 1 else None))
@@ -354,10 +207,8 @@ class GRMixin:
         """At train start: say how GR runs, warn about W = 0, and record the settings (warning when a resume
         changed them)."""
         main = self.is_local_process_zero()
-        if self.args.gr_probability_end is not None:
-            self._gr_set_probability_ramp()
         if main:
-            logger.info("GR: %s.", self._gr_mode())
+            logger.info("GR: %s.", _mode(self))
         if main and self.gr_warmup is not None and self.gr_warmup_length() == 0:
             logger.warning("%s-warmup has W = 0 (no LR warmup and no gr_warmup_steps): full GR from the first step.",
                            self.gr_warmup.strategy)  # fmt: skip
@@ -375,17 +226,6 @@ class GRMixin:
                 "setting with the steps it ran.", state.global_step, "; ".join(changed),
             )  # fmt: skip
 
-    def _gr_mode(self) -> str:
-        """How the GR step runs here: the process layout and where the perturbation's g1 comes from."""
-        processes = self.accelerator.num_processes
-        if processes == 1:
-            return "single process"
-        if self.is_fsdp_enabled or sync.is_sharded([p for p in self.model.parameters() if p.requires_grad]):
-            return f"FSDP2 over {processes} processes, perturbation synced (FSDP2 reduces g1 across replicas)"
-        if self.args.gr_sync_perturbation:
-            return f"DDP over {processes} processes, perturbation synced (the replica-mean g1, gr_sync_perturbation)"
-        return f"DDP over {processes} processes, perturbation per replica (each replica's own g1)"
-
     def _gr_record(self) -> record.GRSettingsRecord:
         """The settings record among the callbacks (the Trainer may swap in a restored one on resume)."""
         return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, record.GRSettingsRecord))
@@ -402,14 +242,30 @@ class GRMixin:
         if isinstance(path, str):
             state = os.path.join(path, _gr_state_name(self.args.process_index, self.args.world_size))
             if os.path.isfile(state):
-                self.gr_regularizer.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
+                self.gr_passes.reuse.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
         self._gr_plan = None
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _gr_start_step(self) -> None:
+        """A new optimizer step: a new plan at its first micro-batch."""
+        self._gr_plan = None
+        self._gr_sharpness = None
+        self.gr_passes.start_step()
+
+    def _gr_end_step(self) -> None:
+        """Record what the step was (GR, reuse) and its sharpness."""
+        kind = self._gr_last_plan.kind
+        self.gr_metrics.add("gr_step_fraction", float(kind == GR))
+        self.gr_metrics.add("gr_reuse_fraction", float(kind == REUSE))
+        if kind == GR and self._gr_sharpness is not None:
+            self.gr_metrics.add("gr_sharpness", self._gr_sharpness)
+        self._gr_plan = None
+        self._gr_sharpness = None
 
     def _gr_save_state(self, folder: str) -> None:
         if self.args.gr_reuse and os.path.isdir(folder):
             name = _gr_state_name(self.args.process_index, self.args.world_size)
-            torch.save(self.gr_regularizer.state_dict(), os.path.join(folder, name))
+            torch.save(self.gr_passes.reuse.state_dict(), os.path.join(folder, name))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """The stock loader, unless transformers' load-time key renaming bites (see `hf_gr.checkpoint`)."""
@@ -445,6 +301,162 @@ class GRMixin:
             hub.add_gr_to_model_card(os.path.join(self.args.output_dir, "README.md"), metadata)
 
 
+def _refuse_unsupported(trainer: Any) -> None:
+    """Refuse, at start-up, what the two-pass step cannot run under, naming what to use instead."""
+    if trainer.is_deepspeed_enabled:
+        raise ValueError(
+            "GR does not support DeepSpeed: its engine steps the optimizer inside backward and ZeRO-2/3 "
+            "partitions gradients out of `.grad`, so the two-pass GR gradient cannot be formed. Use DDP "
+            "(`accelerate launch --multi_gpu`) or FSDP2 (`fsdp_version: 2`) instead."
+        )
+    if trainer.is_fsdp_enabled and getattr(trainer.accelerator, "is_fsdp2", False) is not True:
+        raise ValueError(
+            "GR does not support FSDP1: under FSDP1 the sharded g1 cannot be read per shard. Use FSDP2: "
+            "`fsdp_version: 2` in the accelerate config (configs/accelerate/fsdp2.yaml) or "
+            "fsdp_config={'fsdp_version': 2}."
+        )
+    asked = "fsdp in the arguments" if trainer.args.fsdp else None
+    if asked is None and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        asked = "the accelerate config"
+    if asked and not trainer.is_fsdp_enabled and trainer.is_local_process_zero():
+        logger.warning(
+            "FSDP was asked for (%s) but the run is %s: accelerate shards only on accelerators (not on CPU or "
+            "with use_cpu), so GR runs unsharded.", asked, _mode(trainer),
+        )  # fmt: skip
+    # What the Trainer itself reads (transformers >= 5.24); older versions shard nothing at load time.
+    loaded_distributed = getattr(trainer.model, "is_distributed_loading_by_transformers", False)
+    if loaded_distributed and not _is_fsdp_only(trainer.model):
+        raise ValueError(
+            "GR does not support models sharded or tensor-parallel at load time (`tp_plan`/`device_mesh`) "
+            "other than plain FSDP2 (`DistributedConfig(fsdp_size=...)` alone): their gradients are reduced "
+            "outside the Trainer's `no_sync`. Load the model whole and use DDP or FSDP2."
+        )
+    optim = optimizer_name(trainer.args)
+    if optim in ("lomo", "adalomo") or optim.endswith("layerwise"):
+        raise ValueError(
+            f"GR does not support optim={optim!r}: it updates the weights inside backward, so GR's first "
+            "pass would already step the optimizer. Use an optimizer that steps after backward (e.g. adamw_torch)."
+        )
+    if trainer.args.gr_method == "exact" and trainer.accelerator.num_processes > 1:
+        raise ValueError(
+            "gr_method='exact' (double backprop) is a single-process verification tool; use "
+            "gr_method='finite_difference' for multi-process training."
+        )
+    args = trainer.args
+    if args.gr_first_term == "normalized" and (args.gradient_accumulation_steps > 1 or args.fp16):
+        raise ValueError(
+            "gr_first_term='normalized' (the official code's g1/‖g1‖) is defined for one micro-batch without "
+            "loss scaling: use gradient_accumulation_steps=1 and no fp16, or gr_first_term='raw'."
+        )
+
+def _bind_warmup_callback(trainer: Any) -> GRWarmupCallback | None:
+    """The warmup strategy: one passed in `callbacks` wins over `gr_warmup_strategy`; two are an error."""
+    given = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GRWarmupCallback)]
+    if len(given) > 1:
+        raise ValueError(
+            f"{type(trainer).__name__} got {len(given)} GR warmup callbacks "
+            f"({', '.join(type(c).__name__ for c in given)}); pass at most one, or set gr_warmup_strategy."
+        )
+    if given:
+        callback = given[0]
+        if callback.strategy is None and type(callback).coefficients is GRWarmupCallback.coefficients:
+            raise ValueError(
+                f"{type(callback).__name__} is not a warmup strategy: pass LambdaWarmupCallback, RWarmupCallback "
+                "or ZeroWarmupCallback (or a subclass that defines `coefficients`)."
+            )
+        if callback.strategy is not None and callback.strategy != trainer.args.gr_warmup_strategy:
+            logger.info("Using the %s passed in callbacks instead of gr_warmup_strategy=%r.",
+                        type(callback).__name__, trainer.args.gr_warmup_strategy)  # fmt: skip
+            trainer.args.gr_warmup_strategy = callback.strategy  # checkpoints and the model card say what ran
+        if callback.warmup_steps is not None:
+            trainer.args.gr_warmup_steps = callback.warmup_steps
+        return callback
+    if trainer.args.gr_warmup_strategy in WARMUP_CALLBACKS:
+        callback = WARMUP_CALLBACKS[trainer.args.gr_warmup_strategy]()
+        trainer.add_callback(callback)
+        return callback
+    return None
+
+
+def _mode(trainer: Any) -> str:
+    """How the GR step runs here: the process layout and where the perturbation's g1 comes from."""
+    processes = trainer.accelerator.num_processes
+    if processes == 1:
+        return "single process"
+    if trainer.is_fsdp_enabled or sync.is_sharded([p for p in trainer.model.parameters() if p.requires_grad]):
+        return f"FSDP2 over {processes} processes, perturbation synced (FSDP2 reduces g1 across replicas)"
+    if trainer.args.gr_sync_perturbation:
+        return f"DDP over {processes} processes, perturbation synced (the replica-mean g1, gr_sync_perturbation)"
+    return f"DDP over {processes} processes, perturbation per replica (each replica's own g1)"
+
+
+def _exact_step(trainer: Any, parent: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any,
+                gr_lambda: float) -> torch.Tensor:  # fmt: skip
+    """`gr_method="exact"`: the parent's step with λ·‖∇L‖₂ added to whatever `compute_loss` returns.
+
+    The `compute_loss` the parent calls (the user's own, with or without `super()`) is wrapped for this call only.
+    A parent that never calls it is refused after its step, with `.grad` put back as it was before (the parameters
+    do not change inside a `training_step`).
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    accumulated = gradient.take_grads(trainable)  # A, put back as is if the step is refused
+    own = trainer.__dict__.get("compute_loss")
+    compute_loss = trainer.compute_loss
+    calls = 0
+
+    def with_penalty(loss_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        result = compute_loss(loss_model, *args, **kwargs)
+        loss, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, None)
+        trainable = [p for p in loss_model.parameters() if p.requires_grad]
+        loss = gradient.exact_gr_loss(loss, trainable, gr_lambda)
+        return loss if rest is None else (loss, *rest)
+
+    trainer.compute_loss = with_penalty  # type: ignore[method-assign]
+    try:
+        loss = parent(model, inputs, num_items_in_batch)
+        if calls == 0:
+            raise RuntimeError(_NO_COMPUTE_LOSS.format(type(trainer).__name__))
+    except BaseException:
+        gradient.put_back_(trainable, accumulated)
+        raise
+    finally:
+        if own is None:
+            del trainer.compute_loss
+        else:
+            trainer.compute_loss = own  # type: ignore[method-assign]
+    gradient.accumulate_(trainable, accumulated)  # A + this micro-batch's gradient, as backward would have formed
+    return loss
+
+
+_NO_COMPUTE_LOSS = (
+    "gr_method='exact' adds λ·‖∇L‖ to the loss that `compute_loss` returns, but the training_step {} inherits never "
+    "called it: use gr_method='finite_difference'."
+)
+
+
+@contextlib.contextmanager
+def _uncounted_pass(trainer: Any) -> Iterator[None]:
+    """What the parent records per `compute_loss` call (TRL's `_metrics`, token counts) during this pass is
+    dropped, so that each micro-batch counts once."""
+    metrics = getattr(trainer, "_metrics", None)
+    saved_metrics = None
+    if isinstance(metrics, dict):
+        saved_metrics = {mode: {k: list(v) for k, v in values.items()} for mode, values in metrics.items()
+                         if isinstance(values, dict)}  # fmt: skip
+    tokens = getattr(trainer, "_total_train_tokens", None)
+    try:
+        yield
+    finally:
+        if saved_metrics is not None:
+            for mode, values in saved_metrics.items():
+                metrics[mode].clear()
+                metrics[mode].update(values)
+        if tokens is not None:
+            setattr(trainer, "_total_train_tokens", tokens)  # the Trainer's own count  # noqa: B010
+
+
 def _check_mixin_comes_first(cls: type) -> None:
     """Raise when a `Trainer` (sub)class precedes `GRMixin` in `cls`'s MRO with its own version of a method GR
     overrides (`__init__`, `training_step`, `log`, `train`, ...): that one is reached first, and `Trainer`'s own never
@@ -457,12 +469,14 @@ def _check_mixin_comes_first(cls: type) -> None:
     if not bypassed:
         return
     owner = reached[bypassed[0]]
+    written = next((b for b in cls.__bases__ if issubclass(b, Trainer) and not issubclass(b, GRMixin)), owner)
+    through = "" if written is owner else f" (through {owner.__name__})"
     ordered = sorted(cls.__bases__, key=lambda b: not issubclass(b, GRMixin))  # stable: the GR base(s) first
     verb = "is" if len(bypassed) == 1 else "are"
     raise TypeError(
-        f"{cls.__name__} puts {owner.__name__} before GRMixin in its bases, so {owner.__name__}'s "
-        f"{', '.join(bypassed)} {verb} reached before GR's and the model may train without GR: put GR first, "
-        f"`class {cls.__name__}({', '.join(b.__name__ for b in ordered)})`."
+        f"{cls.__name__} puts {written.__name__} before GRMixin in its bases, so its "
+        f"{', '.join(bypassed)}{through} {verb} reached before GR's and the model may train without GR: put GR "
+        f"first, `class {cls.__name__}({', '.join(b.__name__ for b in ordered)})`."
     )
 
 
@@ -483,31 +497,24 @@ class GRTrainer(GRMixin, Trainer):
 
 
 class _GRStepCallback(TrainerCallback):
-    """The mixin's own bookkeeping per optimizer step: a new plan, the step counts, W's warning, GR's state."""
+    """Hands the Trainer's step events to the mixin's own bookkeeping (given as bound methods)."""
 
-    def __init__(self, trainer: GRMixin) -> None:
-        self.trainer = trainer
+    def __init__(self, begin_training: Any, start_step: Any, end_step: Any, save_state: Any) -> None:
+        self.begin_training, self.start_step, self.end_step, self.save_state = (
+            begin_training, start_step, end_step, save_state
+        )
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer._gr_begin_training(state)
+        self.begin_training(state)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer._gr_plan = None
-        self.trainer._gr_sharpness = None
-        self.trainer.gr_regularizer._start_step()
+        self.start_step()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        trainer = self.trainer
-        kind = trainer._gr_last_plan.kind
-        trainer.gr_metrics.add("gr_step_fraction", float(kind == GR))
-        trainer.gr_metrics.add("gr_reuse_fraction", float(kind == REUSE))
-        if kind == GR and trainer._gr_sharpness is not None:
-            trainer.gr_metrics.add("gr_sharpness", trainer._gr_sharpness)
-        trainer._gr_plan = None
-        trainer._gr_sharpness = None
+        self.end_step()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer._gr_save_state(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        self.save_state(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
 
 @contextlib.contextmanager

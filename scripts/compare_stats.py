@@ -106,3 +106,49 @@ def claim(stat: dict[str, Any], spec: str = ".2f") -> str:
     if stat["p"] < ALPHA:
         return f"{'lower' if stat['mean'] < 0 else 'higher'} ({fmt_p(stat['p'])})"
     return f"no evidence of a difference (95 % CI [{stat['low']:{spec}}, {stat['high']:{spec}}])"
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of `p_values` (family-wise error control), in their order: the k-th smallest
+    of m is multiplied by m − k + 1, kept monotone, capped at 1."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [math.nan] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def sign_flip_p(diffs: list[float]) -> float:
+    """The exact two-sided sign-flip (randomization) p of a paired mean difference: the share of the 2^n sign
+    patterns whose |mean| reaches the observed one (the observed pattern included)."""
+    n = len(diffs)
+    if n == 0 or n > 24:
+        raise ValueError(f"sign_flip_p enumerates 2^n patterns: needs 1 <= n <= 24 differences, got {n}.")
+    observed = abs(sum(diffs)) * (1 - 1e-12)  # ties with the observed sum count, whatever the rounding
+    hits = 0
+    for pattern in range(1 << n):
+        total = sum(-d if pattern >> i & 1 else d for i, d in enumerate(diffs))
+        hits += abs(total) >= observed
+    return hits / (1 << n)
+
+
+def paired_t_power(n: int, effect: float, sd: float, alpha: float) -> float:
+    """Power of a two-sided paired t-test at level `alpha` with n pairs, for a true mean difference `effect` and a
+    paired standard deviation `sd` (the noncentral t distribution; needs scipy)."""
+    from scipy import stats
+
+    df = n - 1
+    critical = stats.t.ppf(1 - alpha / 2, df)
+    shift = effect / (sd / math.sqrt(n))
+    return float(stats.nct.sf(critical, df, shift) + stats.nct.cdf(-critical, df, shift))
+
+
+def seeds_for_power(effect: float, sd: float, alpha: float, power: float = 0.8) -> int:
+    """The smallest n (≥ 2) at which the two-sided paired t-test at `alpha` reaches `power` (`paired_t_power`)."""
+    n = 2
+    while paired_t_power(n, effect, sd, alpha) < power:
+        n += 1
+        if n > 10_000:
+            raise ValueError(f"no n up to 10,000 reaches power {power} for effect {effect} and sd {sd}.")
+    return n

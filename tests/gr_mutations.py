@@ -1,5 +1,5 @@
-"""Deliberate breakages of hf_gr, each patching one module-level function that the library calls through its
-module (`schedule.plan_step(...)`, `gradient.mix_(...)`, ...).
+"""Deliberate breakages of hf_gr, each patching one function that the library calls through its module or class
+(`schedule.plan_step(...)`, `gradient.mix_(...)`, `GradientRegularizer._ends_step`, ...).
 
 `tests/test_mutations.py` applies them with `apply(name, monkeypatch)`. The module is also a pytest plugin, to try
 a mutation on any test: `HF_GR_MUTATION=<name> PYTHONPATH=tests python -m pytest -p gr_mutations tests/...` runs
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from hf_gr import gradient, replay, schedule
+from hf_gr import GradientRegularizer, ascent, combine, diagnostics, gradient, record, replay, schedule
 
 DEFAULT_R = 0.1  # GRArguments' default gr_r
 
@@ -29,6 +29,13 @@ MUTATIONS = {
     "reuse_not_applied": "a reuse step applies no correction: it is a plain step",
     "pass2_not_combined": "pass 2's gradient is dropped where the combination forms g1 + α·(g2 − g1) + A: g = g1 + A",
     "dropout_not_replayed": "pass 2 does not rewind the RNG: it draws other dropout masks than pass 1",
+    "ascent_on_the_whole_batch": "sub-batch ascent's pass 1 runs on the whole micro-batch, not its first ⌈f·B⌉ rows",
+    "ramp_ignored": "gr_probability_end is ignored: p stays gr_probability for the whole run",
+    "sharpness_not_a_rise": "gr_sharpness logs L(θ + ε), not L(θ + ε) − L(θ)",
+    "theta_not_restored": "θ is not restored after pass 2: the optimizer steps from θ + ε",
+    "every_backward_ends_a_step": "a custom loop's every backward ends an optimizer step, whatever the accumulation",
+    "missing_gradient_not_zero": "a gradient missing from one pass is taken to equal the other pass's, not 0",
+    "resume_changes_unseen": "a resume with changed GR settings is recorded as if nothing changed",
 }
 
 
@@ -101,6 +108,29 @@ def apply(name: str, patch: pytest.MonkeyPatch) -> Calls:
         patch.setattr(gradient, "mix_", calls.wrap(first_only))
     elif name == "dropout_not_replayed":
         patch.setattr(replay, "set_rng_state", calls.wrap(lambda state: None))
+    elif name == "ascent_on_the_whole_batch":
+        patch.setattr(ascent, "ascent_inputs", calls.wrap(lambda inputs, fraction: dict(inputs)))
+    elif name == "ramp_ignored":
+        patch.setattr(schedule, "ramped_probability", calls.wrap(lambda start, *rest: start))
+    elif name == "sharpness_not_a_rise":
+        patch.setattr(diagnostics, "perturbed_loss_rise", calls.wrap(lambda loss, perturbed: perturbed))
+    elif name == "theta_not_restored":
+        patch.setattr(gradient, "restore_", calls.wrap(lambda params, backup: None))
+    elif name == "every_backward_ends_a_step":
+        patch.setattr(GradientRegularizer, "_ends_step", calls.wrap(lambda self, sync_gradients: True))
+    elif name == "missing_gradient_not_zero":
+        combine_ = combine.combine
+
+        def as_the_other(g1: Any, g2: Any, alpha: float, accumulated: Any) -> Any:
+            if g1 is None and g2 is not None:
+                g1 = g2.clone()  # g = g2 + A, not α·g2 + A
+            elif g2 is None and g1 is not None:
+                g2 = g1.clone()  # g = g1 + A, not (1 − α)·g1 + A
+            return combine_(g1, g2, alpha, accumulated)
+
+        patch.setattr(combine, "combine", calls.wrap(as_the_other))
+    elif name == "resume_changes_unseen":
+        patch.setattr(record, "changes", calls.wrap(lambda old, new: []))
     else:
         raise ValueError(f"the mutation must be one of {', '.join(MUTATIONS)}, got {name!r}.")
     return calls

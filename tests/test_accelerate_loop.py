@@ -109,7 +109,8 @@ def test_accumulate_and_warmup_match_reference(strategy, warmup, accumulation):
     for batch in dataloader:
         with accelerator.accumulate(model):
             if accelerator.sync_gradients:  # the step's last micro-batch: read its plan before it advances
-                lambdas.append(regularizer._plan(regularizer.completed_steps).gr_lambda)
+                plan = regularizer.planner.plan(regularizer.completed_steps, regularizer.warmup_step, warmup or 0)
+                lambdas.append(plan.gr_lambda)
             regularizer.backward(loss_fn(model, batch))
             optimizer.step()
             optimizer.zero_grad()
@@ -257,9 +258,8 @@ def test_the_hand_computation_catches_an_ignored_warmup(tmp_path, monkeypatch, l
 
 
 def test_warmup_without_its_length_is_refused():
-    regularizer = GradientRegularizer(TinyNet(), None, GRArguments(gr_warmup_strategy="zero"))
-    with pytest.raises(ValueError, match="gr_warmup_steps"):
-        regularizer.backward(lambda: torch.zeros(()))
+    with pytest.raises(ValueError, match="gr_warmup_steps"):  # refused when constructed
+        GradientRegularizer(TinyNet(), None, GRArguments(gr_warmup_strategy="zero"))
 
 
 def _train(accelerator, model, optimizer, regularizer, batches, upto: int) -> None:

@@ -256,3 +256,20 @@ def test_a_gr_step_with_sub_batch_ascent_counts_one_plus_f_passes():
     assert compare.ascent_fraction({}) == 1.0
     assert compare.ascent_fraction({"gr_ascent_fraction": 0.25}) == 0.25
     assert compare.ascent_fraction({"gr_ascent_fraction": None}) == 1.0
+
+
+def test_holm_sign_flip_and_power_against_independent_values():
+    # Holm (1979) by hand: p = (0.01, 0.04, 0.03) → (0.03, 0.06, 0.06)
+    assert cs.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert cs.holm([0.2, 0.9]) == pytest.approx([0.4, 0.9])
+    # sign flips of (1, 2, 3): |sums| of the 8 patterns are 6, 4, 2, 0, 0, 2, 4, 6; two reach 6
+    assert cs.sign_flip_p([1.0, 2.0, 3.0]) == pytest.approx(2 / 8)
+    assert cs.sign_flip_p([1.0, -1.0]) == 1.0
+    # the standard table: a paired t-test at 0.05 needs n = 10 for power 0.8 at effect/sd = 1 (power 0.803)
+    assert cs.paired_t_power(10, 1.0, 1.0, 0.05) == pytest.approx(0.8031, abs=5e-4)
+    assert cs.seeds_for_power(1.0, 1.0, 0.05) == 10
+    # power by simulation (independent of the noncentral t): n = 8, effect 1, sd 1.2, α 0.025
+    rng = np.random.default_rng(0)
+    draws = rng.normal(1.0, 1.2, size=(20000, 8))
+    simulated = np.mean(stats.ttest_1samp(draws, 0.0, axis=1).pvalue < 0.025)
+    assert cs.paired_t_power(8, 1.0, 1.2, 0.025) == pytest.approx(simulated, abs=0.01)

@@ -163,18 +163,19 @@ def test_contradicting_the_accelerator_is_refused():
     model = accelerator.prepare(TinyNet())
     with pytest.raises(ValueError, match="gradient_accumulation_steps=3 contradicts the accelerator's"):
         GradientRegularizer(model, accelerator, gradient_accumulation_steps=3)
-    regularizer = GradientRegularizer(model, accelerator, gradient_accumulation_steps=2)  # the same: accepted
+    no_warmup = GRArguments(gr_warmup_strategy="none")
+    regularizer = GradientRegularizer(model, accelerator, no_warmup, gradient_accumulation_steps=2)  # the same: fine
     batch = DictDataset(8).batch(0, 8)
     with accelerator.accumulate(model), pytest.raises(ValueError, match="sync_gradients=True contradicts"):
         regularizer.backward(lambda: model(**batch)["loss"], sync_gradients=True)  # the first of 2 micro-batches
     with pytest.raises(TypeError, match="sync_gradients must be True, False or None"):
-        GradientRegularizer(TinyNet()).backward(lambda: torch.zeros(()), sync_gradients=1)
+        GradientRegularizer(TinyNet(), args=no_warmup).backward(lambda: torch.zeros(()), sync_gradients=1)
 
 
 def test_public_surface():
     public = {name for name in dir(GradientRegularizer) if not name.startswith("_")}
     assert public == {"backward", "completed_steps", "load_state_dict", "state_dict", "warmup_step"}
-    regularizer = GradientRegularizer(TinyNet())
+    regularizer = GradientRegularizer(TinyNet(), args=GRArguments(gr_warmup_strategy="none"))
     with pytest.raises(AttributeError):
         regularizer.completed_steps = 3
 

@@ -37,9 +37,9 @@ def test_reuse_direction_matches_a_float64_reference(dtype, rho_tolerance, min_c
     g_gr = [p.grad for p in params]
     assert all(g.dtype == dtype for g in g_gr)
     u_ref, rho_ref = reference_reuse_direction(g_gr, list(g1))
-    u = regularizer.reuse.flat.double()
+    u = regularizer.passes.reuse.flat.double()
     u_ref = torch.cat(u_ref)
-    rho = float(regularizer.reuse.rho)
+    rho = float(regularizer.passes.reuse.rho)
     assert rho_ref > 1e-3  # a real correction
     assert abs(rho - rho_ref) / rho_ref < rho_tolerance
     assert float(u @ u_ref / (u.norm() * u_ref.norm())) >= min_cosine
@@ -49,10 +49,11 @@ def test_reuse_direction_matches_a_float64_reference(dtype, rho_tolerance, min_c
 
 def test_reuse_direction_is_kept_in_float32_for_half_precision_weights():
     model = TinyNet().to(torch.bfloat16)
-    regularizer = GradientRegularizer(model, args=GRArguments(gr_lambda=0.05, gr_r=0.1, gr_reuse=True))
-    regularizer.reuse.allocate(list(model.parameters()))
-    assert regularizer.reuse.flat.dtype == torch.float32
-    assert regularizer.reuse.flat.numel() == sum(p.numel() for p in model.parameters())
+    args = GRArguments(gr_lambda=0.05, gr_r=0.1, gr_reuse=True, gr_warmup_strategy="none")
+    reuse = GradientRegularizer(model, args=args).passes.reuse
+    reuse.allocate(list(model.parameters()))
+    assert reuse.flat.dtype == torch.float32
+    assert reuse.flat.numel() == sum(p.numel() for p in model.parameters())
 
 
 # ---- GR micro-batches without a direction: counted on the device, logged, warned about once ----
@@ -62,13 +63,13 @@ def test_micro_batches_without_a_direction_are_counted():
     """A zero g1 has no direction: that GR micro-batch runs as a plain step, and counts (1 of 2 here)."""
     model, data = TinyNet(), DictDataset(32)
     regularizer = GradientRegularizer(model, args=GRArguments(gr_lambda=0.05, gr_r=0.1, gr_warmup_strategy="none"))
-    assert regularizer._pop_degenerate_fraction() is None  # nothing ran yet
+    assert regularizer.passes.pop_degenerate_fraction() is None  # nothing ran yet
     for scale in (0.0, 1.0):
         batch = data.batch(0, 8)
         regularizer.backward(lambda batch=batch, scale=scale: model(**batch)["loss"] * scale)
-    fraction = regularizer._pop_degenerate_fraction()
+    fraction = regularizer.passes.pop_degenerate_fraction()
     assert isinstance(fraction, torch.Tensor) and float(fraction) == 0.5
-    assert regularizer._pop_degenerate_fraction() is None  # popped
+    assert regularizer.passes.pop_degenerate_fraction() is None  # popped
 
 
 def _fp16_trainer(tmp_path, loss_scale: float):

@@ -15,7 +15,7 @@ from transformers import Seq2SeqTrainer, Trainer, TrainingArguments
 
 from hf_gr import GRArguments, GRMixin, GRTrainer, GRTrainingArguments
 
-from gr_testing import DictDataset, TinyNet, exact_gr_grad, grads_of, make_args, max_rel_err
+from gr_testing import DictDataset, TinyNet, exact_gr_grad, grads_of, make_args, max_rel_err, params_of
 
 # ---- the mixin's place among the bases ----
 
@@ -56,7 +56,7 @@ def test_orders_that_reach_gr_first_are_accepted(tmp_path):
         pass
 
     for cls in (Right, Further, Deeper):
-        assert isinstance(cls(model=TinyNet(), args=make_args(tmp_path)).gr_regularizer.model, TinyNet)
+        assert isinstance(cls(model=TinyNet(), args=make_args(tmp_path)).gr_passes.model, TinyNet)
 
 
 def test_arguments_combined_without_dataclass_say_add_dataclass(tmp_path):
@@ -136,6 +136,39 @@ def test_exact_method_refuses_a_step_that_never_calls_compute_loss(tmp_path):
         trainer.training_step(model, DictDataset(8).batch(0, 8))
 
 
+
+def test_a_refused_exact_step_leaves_parameters_and_gradients_as_they_were(tmp_path):
+    """The refusal comes after the parent's step ran (only then is it known that it never called compute_loss):
+    the gradient an earlier micro-batch accumulated is put back as it was, and θ did not move."""
+
+    class GRNoComputeLoss(GRMixin, NoComputeLoss):
+        pass
+
+    model = TinyNet()
+    trainer = GRNoComputeLoss(model=model, args=make_args(tmp_path, gr_method="exact"))
+    trainer.current_gradient_accumulation_steps = 1
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)  # A, from an earlier micro-batch of the step
+    before, grads = params_of(model), [p.grad for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="never called it"):
+        trainer.training_step(model, DictDataset(8).batch(0, 8))
+    assert all(torch.equal(a, b) for a, b in zip(params_of(model), before))
+    assert all(p.grad is g and bool((g == 0.5).all()) for p, g in zip(model.parameters(), grads))
+
+
+def test_an_exact_step_adds_to_what_earlier_micro_batches_accumulated(tmp_path):
+    batch = DictDataset(16).batch(0, 16)
+    model = TinyNet()
+    trainer = OwnLossGRTrainer(model=model, args=make_args(tmp_path, gr_method="exact", gr_lambda=0.5, gr_r=1.0))
+    trainer.current_gradient_accumulation_steps = 1
+    accumulated = [torch.full_like(p, 0.25) for p in model.parameters()]
+    for p, a in zip(model.parameters(), accumulated):
+        p.grad = a.clone()
+    trainer.training_step(model, dict(batch))
+    margin = lambda out, b: margin_loss(out["logits"], b["labels"])  # noqa: E731
+    want = [a + g for a, g in zip(accumulated, exact_gr_grad(TinyNet(), batch, 0.5, loss_fn=margin))]
+    assert max_rel_err(grads_of(model), want) < 1e-5
+
 # ---- α far from the paper's range ----
 
 
@@ -190,7 +223,9 @@ def test_resume_with_changed_settings_warns_and_records_each_range(tmp_path, cap
                    restore_callback_states_from_checkpoint=restore_callbacks)  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="hf_gr.trainer"):
         resumed.train(resume_from_checkpoint=True)  # steps 5–6 at λ = 0.05
-    warning = next(r.getMessage() for r in caplog.records if "changed GR settings" in r.getMessage())
+    warnings = [r.getMessage() for r in caplog.records if "changed GR settings" in r.getMessage()]
+    assert len(warnings) == 1
+    warning = warnings[0]
     assert "Resuming at step 4" in warning
     assert "gr_lambda: 0.1 → 0.05" in warning and "gr_warmup_strategy: 'none' → 'zero'" in warning
     assert "gr_warmup_steps: 0 → 1" in warning and "gr_r" not in warning

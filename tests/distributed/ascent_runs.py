@@ -5,7 +5,7 @@ Writes, from rank 0, a `torch.save` dict to argv[1] (argv[2] is a scratch folder
 - GRTrainer over DDP with f = 0.5: per-replica direction with accumulation 2, and the synced perturbation; the
   final parameters and the gradient all-reduces per optimizer step;
 - GRTrainer over DDP with f = 1 and a log entry per step: every rank's logged `gr_sharpness`;
-- `GradientRegularizer` (the code path GRTrainer takes under FSDP2) on the small MLP sharded with `fully_shard`,
+- `GRPasses` (the passes GRTrainer runs under FSDP2) on the small MLP sharded with `fully_shard`,
   pass 1 on the first half of each rank's rows, accumulation 2, α = 1.
 """
 
@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from ddp_gr_runs import CountCollectives, _Path  # noqa: E402
 from fsdp2_gr_runs import BATCH, LR, STEPS, R, TinyMLP, mlp_data  # noqa: E402
 
-from hf_gr import GradientRegularizer, GRArguments  # noqa: E402
+from hf_gr import GRArguments  # noqa: E402
+from hf_gr.passes import GRPasses  # noqa: E402
 from hf_gr.schedule import StepPlan  # noqa: E402
 
 from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, finish_distributed, make_args  # noqa: E402
@@ -68,12 +69,12 @@ def run_fsdp_ascent(accumulation: int) -> dict:
         fully_shard(module)
     fully_shard(model)
     arguments = GRArguments(gr_lambda=R, gr_r=R, gr_warmup_strategy="none", gr_ascent_fraction=0.5)
-    regularizer = GradientRegularizer(model, args=arguments)
+    passes = GRPasses(model, None, arguments)
     x, y = mlp_data(STEPS * accumulation)
     plan = StepPlan("gr", R, R)
     restored = True
     for step in range(STEPS):
-        regularizer._start_step()
+        passes.start_step()
         for j in range(accumulation):
             micro = step * accumulation + j
             rows = slice(rank * BATCH, (rank + 1) * BATCH)
@@ -90,7 +91,7 @@ def run_fsdp_ascent(accumulation: int) -> dict:
                 return loss.detach()
 
             before = [p.to_local().detach().clone() for p in model.parameters()]
-            regularizer._micro_batch(run_pass, plan, j == accumulation - 1, ascent_pass)
+            passes.run(run_pass, plan, j == accumulation - 1, ascent_pass)
             restored &= all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters()))
         with torch.no_grad():
             for p in model.parameters():

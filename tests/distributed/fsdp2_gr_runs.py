@@ -1,7 +1,7 @@
 """Run under `torchrun --nproc_per_node 2`: GR under FSDP2 (`fully_shard`, gloo), with collectives counted.
 
 Two set-ups, each written from rank 0 into a `torch.save` dict at argv[1]:
-- `GradientRegularizer` (the code path `GRTrainer` takes under FSDP2) on a small MLP sharded with `fully_shard`, with
+- `GRPasses` (the passes `GRTrainer` runs under FSDP2) on a small MLP sharded with `fully_shard`, with
   uneven and empty shards, accumulation 1 and 2, α = 0.5 and 1, and bf16 mixed precision;
 - `GRTrainer` itself on the FSDP2 route transformers supports on CPU: a Llama loaded with
   `from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=2))` (argv[2] is the saved model).
@@ -19,7 +19,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.data import Dataset, SequentialSampler
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from hf_gr import GradientRegularizer, GRArguments, GRTrainer, GRTrainingArguments  # noqa: E402
+from hf_gr import GRArguments, GRTrainer, GRTrainingArguments  # noqa: E402
+from hf_gr.passes import GRPasses  # noqa: E402
 from hf_gr.schedule import StepPlan  # noqa: E402
 
 from gr_testing import GRLogLines, finish_distributed  # noqa: E402
@@ -76,14 +77,14 @@ def run_mlp(accumulation: int, alpha: float, kind: str = "gr", mixed: bool = Fal
     fully_shard(model, **({"mp_policy": policy} if mixed else {}))
     reuse = "reuse" in kinds
     arguments = GRArguments(gr_lambda=alpha * R, gr_r=R, gr_warmup_strategy="none", gr_reuse=reuse)
-    regularizer = GradientRegularizer(model, args=arguments)
+    passes = GRPasses(model, None, arguments)
     x, y = mlp_data(STEPS * accumulation)
     restored, counts = True, []
     for step in range(STEPS):
         COUNTS.clear()
         step_kind = kinds[step] if kinds else kind
         plan = StepPlan(step_kind, alpha * R if step_kind == "gr" else 0.0, R)
-        regularizer._start_step()
+        passes.start_step()
         for j in range(accumulation):
             micro = step * accumulation + j
             rows = slice(rank * BATCH, (rank + 1) * BATCH)
@@ -100,7 +101,7 @@ def run_mlp(accumulation: int, alpha: float, kind: str = "gr", mixed: bool = Fal
                 run_pass()
                 model.set_requires_gradient_sync(True)
             else:
-                regularizer._micro_batch(run_pass, plan, last)
+                passes.run(run_pass, plan, last)
             restored &= all(torch.equal(a, local(p)) for a, p in zip(before, model.parameters()))
         with torch.no_grad():
             for p in model.parameters():
@@ -123,9 +124,9 @@ def run_mlp_diagnostics() -> dict:
     for module in (model.fc1, model.fc2, model.head):
         fully_shard(module)
     fully_shard(model)
-    regularizer = GradientRegularizer(model, args=GRArguments(gr_lambda=0.5 * R, gr_r=R, gr_warmup_strategy="none"))
+    passes = GRPasses(model, None, GRArguments(gr_lambda=0.5 * R, gr_r=R, gr_warmup_strategy="none"))
     recorded: dict = {}
-    regularizer.metrics = lambda key, value: recorded.setdefault(key, []).append(value)
+    record = lambda key, value: recorded.setdefault(key, []).append(value)  # noqa: E731
     x, y = mlp_data(1)
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
 
@@ -145,10 +146,10 @@ def run_mlp_diagnostics() -> dict:
         moved[0] += 1
         return cpu(self, *args, **kwargs)
 
-    regularizer._start_step()
+    passes.start_step()
     dist.all_reduce, torch.Tensor.cpu = watched_all_reduce, watched_cpu
     try:
-        regularizer._micro_batch(run_pass, StepPlan("gr", 0.5 * R, R), True)
+        passes.run(run_pass, StepPlan("gr", 0.5 * R, R), True, record=record)
     finally:
         dist.all_reduce, torch.Tensor.cpu = all_reduce, cpu
     return {
