@@ -20,6 +20,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+__all__ = ["GRArguments", "GRTrainingArguments"]
+
 GR_WARMUP_STRATEGIES = ("none", "lambda", "r", "zero")
 GR_METHODS = ("finite_difference", "exact")
 GR_FIRST_TERMS = ("raw", "normalized")

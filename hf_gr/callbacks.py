@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from . import schedule
+from ._internal import schedule
+
+__all__ = ["GRWarmupCallback", "LambdaWarmupCallback", "RWarmupCallback", "ZeroWarmupCallback"]
 
 
 class GRWarmupCallback(TrainerCallback):

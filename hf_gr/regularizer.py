@@ -1,8 +1,8 @@
 """`GradientRegularizer`: the GR gradient of one micro-batch, added to `.grad`, for any training loop.
 
 A custom loop's `backward(loss_fn)` drives the same three objects as `GRMixin`: the step's plan
-(`hf_gr.schedule.StepPlanner`), its passes (`hf_gr.passes.GRPasses`, which combine the gradient with
-`hf_gr.combine`) and the record (the step counters and the reuse direction in `state_dict`). What this module adds
+(`schedule.StepPlanner`), its passes (`passes.GRPasses`, which combine the gradient with
+`combine`) and the record (the step counters and the reuse direction in `state_dict`). What this module adds
 is the loop's bookkeeping the Trainer otherwise does: which micro-batch ends an optimizer step, and where the LR
 warmup stands.
 """
@@ -17,10 +17,12 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler as torch_schedulers
 
-from . import gradient, schedule
+from ._internal import gradient, schedule
+from ._internal.passes import GRPasses
+from ._internal.schedule import GR, StepPlan
 from .arguments import GRArguments
-from .passes import GRPasses
-from .schedule import GR, StepPlan
+
+__all__ = ["GradientRegularizer"]
 
 
 class GradientRegularizer:

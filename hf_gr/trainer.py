@@ -2,11 +2,11 @@
 
     class GRSFTTrainer(GRMixin, SFTTrainer): ...          # with @dataclass class GRSFTConfig(GRArguments, SFTConfig)
 
-A GR step as the Trainer runs it: **plan** (`hf_gr.schedule.StepPlanner`, once per optimizer step, on the LR
-schedule's step count) → **passes** (`hf_gr.passes.GRPasses`, per micro-batch, around the parent's own
-`training_step`) → **combine** (`hf_gr.combine`, into `.grad`) → **record** (the metrics logged, `gr_sharpness`,
+A GR step as the Trainer runs it: **plan** (`schedule.StepPlanner`, once per optimizer step, on the LR
+schedule's step count) → **passes** (`passes.GRPasses`, per micro-batch, around the parent's own
+`training_step`) → **combine** (`combine`, into `.grad`) → **record** (the metrics logged, `gr_sharpness`,
 the settings record and GR's checkpoint state). This module wires them into the Trainer's loop, with the checks at
-start-up; the math is in `hf_gr.gradient`.
+start-up; the math is in `gradient`.
 """
 
 from __future__ import annotations
@@ -23,14 +23,17 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from . import ascent, checkpoint, diagnostics, gradient, hub, record, schedule, sync
+from ._internal import ascent, checkpoint, gradient, hub, metrics, record, schedule, sync
+from ._internal.metrics import GradientNormProbe, GRMetrics
+from ._internal.passes import GRPasses
+from ._internal.schedule import GR, REUSE, StepPlan, StepPlanner
 from .arguments import GRArguments, GRTrainingArguments, optimizer_name, validate_gr_arguments
 from .callbacks import WARMUP_CALLBACKS, GRWarmupCallback
-from .diagnostics import GradientNormProbe, GRDiagnosticsCallback, GRMetrics
-from .passes import GRPasses
-from .schedule import GR, REUSE, StepPlan, StepPlanner
+from .diagnostics import GRDiagnosticsCallback
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["GRMixin", "GRTrainer"]
 
 GR_STATE_NAME = "gr_state.pt"
 # The Trainer internals GR relies on;
@@ -45,7 +48,7 @@ TRAINER_INTERNALS = (
 class GRMixin:
     """Gradient regularization (GR) or SAM for any `Trainer` subclass: put it first, `class X(GRMixin, Trainer)`.
 
-    Each optimizer step is planned once (`hf_gr.schedule`): λ_t and r_t from the warmup strategy on the LR
+    Each optimizer step is planned once (`schedule`): λ_t and r_t from the warmup strategy on the LR
     schedule's step count, then `gr_interval`, `gr_probability` and `gr_reuse` pick GR, plain or reuse steps.
     A GR step's micro-batches run `GradientRegularizer`'s two passes around the parent's own `training_step`
     (so its loss scaling, mixed precision and `compute_loss` apply to both); the others run the parent's step
@@ -54,7 +57,7 @@ class GRMixin:
 
     At train start it logs how GR runs (single process, DDP or FSDP2 over N processes, and whether the perturbation
     is per replica or synced), and every checkpoint records the GR settings in force with the optimizer steps they
-    ran for (`hf_gr.record`); a resume with other settings warns, naming each change.
+    ran for (`record`); a resume with other settings warns, naming each change.
 
     Logged with every training log entry: `gr_lambda` and `gr_r` (what the last step applied; λ = 0 on a plain or
     reuse step), `gr_step_fraction` and `gr_reuse_fraction` (the share of optimizer steps since the last log that
@@ -64,7 +67,7 @@ class GRMixin:
     L(θ + ε) − L(θ) of the step's batch (pass 2's loss less pass 1's, in the units of the logged `loss`), averaged
     over the GR steps since the last log and over the replicas; it costs no extra pass and no host sync.
 
-    With `gr_ascent_fraction` < 1 pass 1 runs on the first ⌈f·B⌉ samples of each micro-batch (`hf_gr.ascent`),
+    With `gr_ascent_fraction` < 1 pass 1 runs on the first ⌈f·B⌉ samples of each micro-batch (`ascent`),
     passing `num_items_in_batch` on unchanged (only the direction of its g1 is used, and a direction does not
     depend on the loss's normalization); pass 2 runs on the whole micro-batch. The loss such a step returns (and
     logs) is then pass 2's, L(θ + ε) on the whole micro-batch, what the parent records per `compute_loss` call
@@ -181,7 +184,7 @@ class GRMixin:
             self.current_flos += float(self.floating_point_ops(first_inputs))  # the loop counts one pass
             if fraction < 1.0:
                 return losses[1]  # the whole micro-batch's (at θ + ε): pass 1 saw part of it
-            sharpness = diagnostics.perturbed_loss_rise(losses[0], losses[1])  # on the device: no host sync
+            sharpness = metrics.perturbed_loss_rise(losses[0], losses[1])  # on the device: no host sync
             self._gr_sharpness = sharpness if self._gr_sharpness is None else self._gr_sharpness + sharpness
         return loss
 
@@ -268,7 +271,7 @@ class GRMixin:
             torch.save(self.gr_passes.reuse.state_dict(), os.path.join(folder, name))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """The stock loader, unless transformers' load-time key renaming bites (see `hf_gr.checkpoint`)."""
+        """The stock loader, unless transformers' load-time key renaming bites (see `checkpoint`)."""
         target = self.model if model is None else model
         if not (self.is_deepspeed_enabled or self.is_fsdp_enabled) and checkpoint.load_renamed_weights(
             target, resume_from_checkpoint
@@ -277,7 +280,7 @@ class GRMixin:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
-        """The stock loader, unless transformers' load-time key renaming bites (see `hf_gr.checkpoint`)."""
+        """The stock loader, unless transformers' load-time key renaming bites (see `checkpoint`)."""
         best = self.state.best_model_checkpoint
         plain = not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
         if plain and checkpoint.load_renamed_weights(self.model, best):

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from hf_gr import GradientRegularizer, ascent, combine, diagnostics, gradient, record, replay, schedule
+from hf_gr import GradientRegularizer
+from hf_gr._internal import ascent, combine, gradient, metrics, record, replay, schedule
 
 DEFAULT_R = 0.1  # GRArguments' default gr_r
 
@@ -113,7 +114,7 @@ def apply(name: str, patch: pytest.MonkeyPatch) -> Calls:
     elif name == "ramp_ignored":
         patch.setattr(schedule, "ramped_probability", calls.wrap(lambda start, *rest: start))
     elif name == "sharpness_not_a_rise":
-        patch.setattr(diagnostics, "perturbed_loss_rise", calls.wrap(lambda loss, perturbed: perturbed))
+        patch.setattr(metrics, "perturbed_loss_rise", calls.wrap(lambda loss, perturbed: perturbed))
     elif name == "theta_not_restored":
         patch.setattr(gradient, "restore_", calls.wrap(lambda params, backup: None))
     elif name == "every_backward_ends_a_step":

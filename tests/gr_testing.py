@@ -127,7 +127,7 @@ def reference_gr_grad(
 
 
 def exact_gr_grad(model: nn.Module, batch: dict, gr_lambda: float, loss_fn: Callable = cross_entropy):
-    """∇L + λ·H∇L/‖∇L‖ by a Hessian-vector product (an oracle independent of `hf_gr.gradient`)."""
+    """∇L + λ·H∇L/‖∇L‖ by a Hessian-vector product (an oracle independent of `hf_gr._internal.gradient`)."""
     params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad}
     out = functional_call(model, params, args=(), kwargs={"x": batch["x"]})
     g = torch.autograd.grad(loss_fn(out, batch), list(params.values()), create_graph=True)

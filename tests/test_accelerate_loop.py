@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PretrainedConfig, get_constant_schedule
 
-from hf_gr import GradientRegularizer, GRArguments, schedule
+from hf_gr import GradientRegularizer, GRArguments
+from hf_gr._internal import schedule
 
 from gr_testing import (
     DictDataset,

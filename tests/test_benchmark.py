@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import Trainer
 
-from hf_gr import gradient, schedule
+from hf_gr._internal import gradient, schedule
 
 import benchmarking as bench
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from hf_gr import GRArguments, GRTrainer, gradient, schedule
+from hf_gr import GRArguments, GRTrainer
+from hf_gr._internal import gradient, schedule
 
 from gr_testing import (
     DictDataset,

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from hf_gr import GradientRegularizer, GRArguments, GRTrainer, ascent, schedule
+from hf_gr import GradientRegularizer, GRArguments, GRTrainer
+from hf_gr._internal import ascent, schedule
 from hf_gr.trainer import _GRStepCallback
 
 from gpu_check_lib import count_host_syncs

@@ -8,7 +8,8 @@ import torch
 from transformers import TrainerCallback
 
 from hf_gr import GRTrainer
-from hf_gr.diagnostics import ADAPTIVE_LR_KEYS, GRADIENT_KEYS, GRMetrics, adaptive_lr_stats
+from hf_gr._internal.metrics import GRMetrics
+from hf_gr.diagnostics import ADAPTIVE_LR_KEYS, GRADIENT_KEYS, adaptive_lr_stats
 
 from benchmarking import live_tensor_bytes
 from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, grad_at, make_args

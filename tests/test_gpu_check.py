@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_gr import gradient
+from hf_gr._internal import gradient
 
 import gpu_check
 import gpu_check_correctness as correctness

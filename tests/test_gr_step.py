@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from hf_gr import GRTrainer, gradient
+from hf_gr import GRTrainer
+from hf_gr._internal import gradient
 
 from gr_testing import (
     DictDataset,

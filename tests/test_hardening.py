@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback, get_linear_schedule_with_warmup
 
-from hf_gr import GRTrainer, gradient
+from hf_gr import GRTrainer
+from hf_gr._internal import gradient
 
 from gpu_check_lib import attach_cpu_scaler
 from gr_testing import (

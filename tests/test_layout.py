@@ -1,8 +1,10 @@
 """What the library's layout promises: no host sync in a GR step, the Trainer internals it uses still exist, one
 place for each fact, and the checkpoint workaround only where transformers' key renaming bites."""
 
+import ast
 import re
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,9 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from hf_gr import GRArguments, GRTrainer, checkpoint
+import hf_gr
+from hf_gr import GRArguments, GRTrainer
+from hf_gr._internal import checkpoint
 from hf_gr.trainer import TRAINER_INTERNALS
 
 from gpu_check_lib import count_host_syncs
@@ -141,3 +145,58 @@ def test_stock_trainer_drops_renamed_vit_weights(tmp_path):
     trainer = Trainer(model=target, args=make_args(tmp_path))
     trainer._load_from_checkpoint(str(tmp_path))
     assert not all(torch.equal(a, b) for a, b in zip(params_of(target), params_of(saved)))
+
+
+# ---- the public surface, and no module reading another's private names ----
+
+PUBLIC = {
+    "hf_gr": {"GRArguments", "GRDiagnosticsCallback", "GRMixin", "GRTrainer", "GRTrainingArguments",
+              "GRWarmupCallback", "GradientRegularizer", "LambdaWarmupCallback", "RWarmupCallback",
+              "ZeroWarmupCallback"},
+    "hf_gr.arguments": {"GRArguments", "GRTrainingArguments"},
+    "hf_gr.callbacks": {"GRWarmupCallback", "LambdaWarmupCallback", "RWarmupCallback", "ZeroWarmupCallback"},
+    "hf_gr.diagnostics": {"GRDiagnosticsCallback", "adaptive_lr_stats"},
+    "hf_gr.regularizer": {"GradientRegularizer"},
+    "hf_gr.trainer": {"GRMixin", "GRTrainer"},
+}  # fmt: skip
+# Private names of other libraries that hf_gr must touch: torch's fused ops, BatchNorm's base, SequentialLR's
+# schedulers, and a transformers config's `_name_or_path` (for the model card of a model without a base).
+FOREIGN_PRIVATE = {"_NormBase", "_schedulers", "_name_or_path"}
+
+
+def test_the_public_surface_is_what_all_lists():
+    import importlib
+
+    for name, public in PUBLIC.items():
+        module = importlib.import_module(name)
+        assert set(module.__all__) == public, name
+        assert all(hasattr(module, item) for item in public)
+    modules = {p.stem for p in (Path(hf_gr.__file__).parent).glob("*.py")} - {"__init__"}
+    assert {f"hf_gr.{m}" for m in modules} == set(PUBLIC) - {"hf_gr"}  # every other module is in hf_gr._internal
+
+
+def test_no_module_reads_another_modules_private_names():
+    """`x._name` only on `self`, `cls`, `super()`, a module's own names, or the foreign ones listed above; and no
+    `from hf_gr... import _name`."""
+    root = Path(hf_gr.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        own = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("hf_gr")):
+                found += [f"{path.name}: import {a.name}" for a in node.names if a.name.startswith("_")]
+            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+                continue
+            value = root = node.value
+            if isinstance(value, ast.Name) and value.id in ("self", "cls", "torch"):
+                continue
+            while isinstance(root, ast.Attribute):  # `Own.method._flag`: a chain from the module's own name
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in own:
+                continue
+            if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "super":
+                continue
+            if node.attr not in FOREIGN_PRIVATE:
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert found == []

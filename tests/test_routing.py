@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 
-from hf_gr import GradientRegularizer, GRArguments, sync
+from hf_gr import GradientRegularizer, GRArguments
+from hf_gr._internal import sync
 
 from gr_testing import DictDataset, free_port, max_rel_err, run_torchrun
 

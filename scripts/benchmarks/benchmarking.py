@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification, get_scheduler
 
-from hf_gr import GRMixin, GRTrainingArguments, schedule
+from hf_gr import GRMixin, GRTrainingArguments
+from hf_gr._internal import schedule
 
 from paper_vit import paper_vit, paper_vit_config
 

@@ -11,7 +11,8 @@ Each check returns a dict with `passed` (True, False, or None where it does not 
   LR scheduler;
 - `host_sync`: a GR step reads nothing back to the host (Python-level reads counted; on CUDA also
   `torch.cuda.set_sync_debug_mode("error")`);
-- `multi_device_norm`: `hf_gr.gradient.squared_norm` over gradients on several devices against float64 on the CPU.
+- `multi_device_norm`: `hf_gr._internal.gradient.squared_norm` over gradients on several devices against float64 on
+  the CPU.
 
 FSDP2 runs in its own process (`fsdp2_worker`, launched by `gpu_check.py` through torch.distributed.run).
 """
@@ -30,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
-from hf_gr import GRTrainer, gradient
+from hf_gr import GRTrainer
+from hf_gr._internal import gradient
 
 from gpu_check_lib import (
     CaptureGrads,

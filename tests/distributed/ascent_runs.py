@@ -23,8 +23,8 @@ from ddp_gr_runs import CountCollectives, _Path  # noqa: E402
 from fsdp2_gr_runs import BATCH, LR, STEPS, R, TinyMLP, mlp_data  # noqa: E402
 
 from hf_gr import GRArguments  # noqa: E402
-from hf_gr.passes import GRPasses  # noqa: E402
-from hf_gr.schedule import StepPlan  # noqa: E402
+from hf_gr._internal.passes import GRPasses  # noqa: E402
+from hf_gr._internal.schedule import StepPlan  # noqa: E402
 
 from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, finish_distributed, make_args  # noqa: E402
 

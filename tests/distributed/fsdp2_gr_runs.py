@@ -20,8 +20,8 @@ from torch.utils.data import Dataset, SequentialSampler
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from hf_gr import GRArguments, GRTrainer, GRTrainingArguments  # noqa: E402
-from hf_gr.passes import GRPasses  # noqa: E402
-from hf_gr.schedule import StepPlan  # noqa: E402
+from hf_gr._internal.passes import GRPasses  # noqa: E402
+from hf_gr._internal.schedule import StepPlan  # noqa: E402
 
 from gr_testing import GRLogLines, finish_distributed  # noqa: E402
 

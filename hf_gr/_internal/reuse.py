@@ -3,7 +3,7 @@
 On each GR step, with g1 and g_GR that step's gradients (accumulated over its micro-batches, replica means):
 c = g_GR − g1, c⊥ = c − (⟨c, g1⟩/‖g1‖²)·g1, u = c⊥/‖c⊥‖ and ρ = ‖c⊥‖/‖g1‖. A reuse step (single pass) with
 gradient g (accumulated, replica mean, before clipping) uses g + ρ·‖g‖·u. A reuse step before the first GR step
-is a plain step. The math is `hf_gr.gradient.orthogonal_correction_` and `add_correction_`.
+is a plain step. The math is `gradient.orthogonal_correction_` and `add_correction_`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import TrainerState
 
-from .arguments import GRArguments, optimizer_name
+from ..arguments import GRArguments, optimizer_name
 
 GR_TAGS = ("gradient-regularization", "hf_gr")
 _TIMINGS = ("runtime", "per_second")
@@ -50,7 +50,7 @@ def gr_card_metadata(
 ) -> dict[str, Any]:
     """The `hf_gr` metadata block: GR settings, W, the dataset, the base model and the latest eval results.
 
-    `segments` (`hf_gr.record`) lists the settings each range of optimizer steps ran with, as `gr_segments`; the
+    `segments` (`record`) lists the settings each range of optimizer steps ran with, as `gr_segments`; the
     top-level settings are those of the last range.
     """
     eval_results: dict[str, Any] = {}

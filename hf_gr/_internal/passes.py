@@ -1,14 +1,14 @@
 """The passes phase of a GR step: one micro-batch's forward-backward passes around a function that does one.
 
-`GRPasses.run` takes the step's plan (`hf_gr.schedule`) and a `run_pass` (the Trainer's own `training_step`, or
+`GRPasses.run` takes the step's plan (`schedule`) and a `run_pass` (the Trainer's own `training_step`, or
 a custom loop's loss and backward). A plain step runs it once; a reuse step once, then adds the kept LookSAM
-correction (`hf_gr.reuse`) on the step's last micro-batch. A GR step:
+correction (`reuse`) on the step's last micro-batch. A GR step:
 
 1. pass 1 under `no_sync` (DDP) or with the reduce-scatter on (FSDP2): g1 = ∇L(θ), with what earlier
    micro-batches accumulated in `.grad` (A) put aside, untouched;
 2. d = g1/‖g1‖ (global L2 norm over the trainable parameters, on the device), θ ← θ + r·d;
-3. pass 2 at θ + ε with the same random masks and BatchNorm statistics (`hf_gr.replay`), its gradient combined
-   into `.grad` as it arrives (`hf_gr.combine`);
+3. pass 2 at θ + ε with the same random masks and BatchNorm statistics (`replay`), its gradient combined
+   into `.grad` as it arrives (`combine`);
 4. θ restored bit for bit from a copy. When a pass raises, θ and `.grad` (= A) are left exactly as before.
 
 Nothing here reads a value back to the host: a zero or non-finite ‖g1‖ is handled on the device (a zero g1, or one
@@ -71,7 +71,7 @@ class GRPasses:
             run_pass: one forward and backward of the micro-batch, returning the loss.
             plan: the step's plan.
             last_micro_batch: whether the micro-batch ends the optimizer step.
-            ascent_pass: runs a GR step's pass 1 instead of `run_pass` (sub-batch ascent, `hf_gr.ascent`): only the
+            ascent_pass: runs a GR step's pass 1 instead of `run_pass` (sub-batch ascent, `ascent`): only the
                 direction of its g1 is used.
             record: where a diagnostics step records ‖g1‖, ‖g2‖ and cos(g1, g2) (device tensors).
             scale: divides raw norms into one batch's (the loss scale over the accumulation steps).
