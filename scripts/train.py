@@ -17,6 +17,7 @@ import argparse
 import difflib
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -26,6 +27,7 @@ from typing import Any
 import datasets
 import evaluate
 import numpy as np
+import torch
 import transformers
 import yaml
 from huggingface_hub import HfApi, is_offline_mode, try_to_load_from_cache
@@ -383,6 +385,23 @@ def cap_dataloader_workers(training_args: GRTrainingArguments) -> None:
         training_args.dataloader_num_workers = cpus
 
 
+def cpu_threads(training_args: GRTrainingArguments) -> int | None:
+    """On a CPU, without OMP_NUM_THREADS: one torch thread per core that other processes leave idle (at least one).
+
+    OpenMP threads competing with busy processes for the same cores slow a step down many times over; set
+    OMP_NUM_THREADS to choose the count yourself. Returns the count set, or None when nothing was changed.
+    """
+    if training_args.device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = math.ceil(os.getloadavg()[0] - 0.25) if hasattr(os, "getloadavg") else 0  # 0.25: idle noise
+    threads = max(1, min(cpus, cpus - max(busy, 0)))
+    torch.set_num_threads(threads)
+    logger.info("CPU: %d torch thread(s) for %d core(s) with load %.1f; set OMP_NUM_THREADS to choose.",
+                threads, cpus, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)  # fmt: skip
+    return threads
+
+
 # ---- model and processor ----
 
 
@@ -489,6 +508,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if checkpoint is not None:
         logger.info(resume_message(checkpoint, training_args))
     cap_dataloader_workers(training_args)
+    cpu_threads(training_args)
 
     # The dataset, its columns and labels: every input error surfaces here, before any model is built.
     with training_args.main_process_first(desc="loading the dataset"):

@@ -316,6 +316,7 @@ def test_example_script_trains_and_resumes(tmp_path, capsys):
     assert "epoch 1:" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # accelerate launch: a subprocess of its own
 def test_example_script_under_accelerate_launch():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [

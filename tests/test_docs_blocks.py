@@ -52,11 +52,13 @@ def python_blocks(path: Path) -> list[tuple[int, str, str | None]]:
     return blocks
 
 
+# README.md's blocks run in the default test run; the docs pages' blocks are slow (RUN_SLOW=1).
 BLOCKS = [
-    pytest.param(code, reason, id=f"{path.relative_to(ROOT)}:{line}")
+    pytest.param(code, reason, id=f"{path.relative_to(ROOT)}:{line}",
+                 marks=() if path.name == "README.md" else pytest.mark.slow)
     for path in markdown_files()
     for line, code, reason in python_blocks(path)
-]
+]  # fmt: skip
 
 
 def test_the_docs_have_python_blocks():

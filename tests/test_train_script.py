@@ -41,7 +41,10 @@ import train
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train.py"
 PAPER_CONFIGS = sorted((REPO / "configs" / "paper").glob("*.yaml"))
-CIFAR = REPO.parent / "shared" / "data" / "cifar10"
+# CIFAR-10 in the Hub's parquet layout (train.parquet, test.parquet): HF_GR_CIFAR10, else data/cifar10 in the
+# repository, else a `shared/data/cifar10` folder beside it.
+_CIFAR_PLACES = (os.environ.get("HF_GR_CIFAR10"), REPO / "data" / "cifar10", REPO.parent / "shared/data/cifar10")
+CIFAR = next((Path(p) for p in _CIFAR_PLACES if p and Path(p).is_dir()), REPO / "data" / "cifar10")
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
 # A short quickstart: the config file, shortened by flags.
@@ -113,7 +116,7 @@ def _cifar_subset(path: Path, classes: tuple[int, ...] = (0, 6), per_class: int 
     return path
 
 
-@pytest.mark.skipif(not CIFAR.is_dir(), reason="../shared/data/cifar10 is not available")
+@pytest.mark.skipif(not CIFAR.is_dir(), reason="needs CIFAR-10's parquet files: HF_GR_CIFAR10=DIR, or data/cifar10")
 def test_from_scratch_vit_on_cifar_parquet(tmp_path):
     """A tiny from-scratch ViT memorizes 64 CIFAR-10 images of two classes; the accuracy it reports is the one
     recomputed independently from the saved model."""
@@ -164,6 +167,7 @@ def _cache_tiny_vit(cache: Path, repo_id: str) -> None:
     (repo_dir / "refs" / "main").write_text(revision)
 
 
+@pytest.mark.slow  # a subprocess: the script's own command line
 def test_hub_id_resolved_offline_from_cache(tmp_path):
     cache, out = tmp_path / "hub", tmp_path / "finetuned"
     _cache_tiny_vit(cache, "hf-gr-test/tiny-vit")
@@ -412,6 +416,7 @@ def test_parser_errors_raise_instead_of_exiting(tmp_path):
         train.main(["--dataset_name", "digits", "--model_config", "vit-x", "--output_dir", str(tmp_path / "out")])
 
 
+@pytest.mark.slow  # a subprocess: the script's own command line
 def test_argument_error_prints_one_line_and_exits_2(tmp_path):
     config = tmp_path / "typo.yaml"
     config.write_text("dataset_name: digits\nmodel_config: vit-ti\nlearning_rte: 0.1\n")
@@ -420,6 +425,7 @@ def test_argument_error_prints_one_line_and_exits_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a subprocess: the script's own command line
 def test_unknown_model_offline_is_named_as_not_cached(tmp_path):
     argv = ["--model_name_or_path", "hf-gr-test/no-such-vit", "--dataset_name", "digits"]
     line = _error_line(_run_script(*argv, "--output_dir", str(tmp_path / "o"), HF_HUB_CACHE=str(tmp_path / "empty")))
@@ -505,6 +511,7 @@ def test_resume_from_a_missing_checkpoint_is_refused_before_loading(given, tmp_p
         train.main([QUICKSTART, "--resume_from_checkpoint", str(path), "--output_dir", str(tmp_path / "out")])
 
 
+@pytest.mark.slow  # a subprocess: the script's own command line
 def test_resume_from_a_missing_checkpoint_prints_one_line(tmp_path):
     line = _error_line(_run_script(QUICKSTART, "--resume_from_checkpoint", str(tmp_path / "nope"),
                                    "--output_dir", str(tmp_path / "out")))  # fmt: skip
@@ -542,6 +549,7 @@ def test_same_seed_same_run(tmp_path):
 # ---- --push_to_hub without the Hub: one line before anything is loaded, naming the local alternative ----
 
 
+@pytest.mark.slow  # a subprocess: the script's own command line
 def test_push_to_hub_offline_is_one_line_naming_the_local_alternative(tmp_path):
     out = tmp_path / "out"
     line = _error_line(_run_script(QUICKSTART, "--push_to_hub", "true", "--hub_model_id", "me/gr", "--output_dir",
@@ -551,6 +559,7 @@ def test_push_to_hub_offline_is_one_line_naming_the_local_alternative(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow  # a subprocess: the script's own command line
 def test_push_to_hub_with_the_hub_out_of_reach_is_one_line(tmp_path):
     home = tmp_path / "home"  # no saved token
     env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(home)}
@@ -569,6 +578,7 @@ def test_push_to_hub_is_checked_before_loading(tmp_path, nothing_loaded):
 # ---- messages ----
 
 
+@pytest.mark.slow  # a subprocess: the script's own command line
 def test_a_misspelled_flag_or_key_gets_did_you_mean(tmp_path):
     argv = [QUICKSTART, "--gr_lamda", "0.5", "--output_dir", str(tmp_path / "o")]
     with pytest.raises(ValueError, match=r"\['--gr_lamda', '0\.5'\]; did you mean --gr_lambda \(not --gr_lamda\)\?"):
@@ -638,6 +648,7 @@ def test_ddp_skips_the_unused_parameter_search_for_the_recipes_vits(tmp_path):
 # ---- an unreadable image: one line naming the file ----
 
 
+@pytest.mark.slow  # a subprocess: the script's own command line
 def test_an_unreadable_image_prints_one_line_naming_it(tmp_path):
     folder = tmp_path / "images"
     for name, colour in (("blue", (0, 0, 255)), ("red", (255, 0, 0))):
@@ -660,3 +671,22 @@ def test_an_error_raised_in_a_data_loader_worker_is_still_one_line():
     assert "Traceback" in str(raised.value)
     expected = "error: Cannot read the image 'a.png' in the 'train' split: OSError: truncated."
     assert train.error_line(raised.value) == expected
+
+
+@pytest.mark.parametrize("load, omp, want", [(0.0, None, 2), (2.1, None, 1), (1.0, None, 1), (0.1, "2", None)])
+def test_cpu_threads_are_the_cores_other_processes_leave_idle(monkeypatch, load, omp, want):
+    """Two cores: idle → 2 threads; two busy processes beside the run → 1 (not 2 fighting them); one → 1;
+    OMP_NUM_THREADS set → left alone."""
+    args = train.parse_args([QUICKSTART, "--output_dir", "unused", "--use_cpu", "true"])[2]
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(train.os, "getloadavg", lambda: (load, load, load))
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    before = torch.get_num_threads()
+    try:
+        assert train.cpu_threads(args) == want
+        assert torch.get_num_threads() == (want or before)
+    finally:
+        torch.set_num_threads(before)
