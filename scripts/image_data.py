@@ -123,6 +123,15 @@ def load_image_dataset(
     return DatasetDict({"train": raw["train"], "validation": raw["validation"]})
 
 
+def load_eval_only(validation_file: str | None, cache_dir: str | None = None) -> DatasetDict:
+    """Evaluation alone (no training data): the "validation" split from `validation_file`, if given."""
+    if validation_file is None:
+        return DatasetDict()
+    validation = _load_local(validation_file, "--validation_file", cache_dir)
+    logger.info("Evaluating on --validation_file (%d examples)", len(validation))
+    return DatasetDict({"validation": validation})
+
+
 def load_test_sets(specs: list[str] | None, cache_dir: str | None = None) -> dict[str, Dataset]:
     """The held-out sets of `--test_files name=path ...`, by name, in the given order.
 
@@ -282,15 +291,20 @@ def check_images(raw: DatasetDict, image_column: str, skip_bad: bool = False) ->
     return raw
 
 
-def prepare_labels(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, list[str]]:
+def prepare_labels(
+    raw: DatasetDict, label_column: str, names: list[str] | None = None
+) -> tuple[DatasetDict, list[str]]:
     """Give every split a `ClassLabel` label column holding the training classes; return it and the class names.
+
+    `names`, when given (a trained model's classes, for evaluation alone), are the classes instead of the
+    training split's.
 
     The training split defines the classes: a `ClassLabel` column keeps its names, integer labels 0..K−1 are named
     "0".."K−1", string labels become classes in sorted order. The other splits are matched to them by name
     (`ClassLabel` names or strings: an image folder's classes are its sub-folders, and a validation folder may
     lack some) or by index (integers). A label outside the training classes is an error naming it.
     """
-    names = _training_classes(raw["train"], label_column)
+    names = names if names is not None else _training_classes(raw["train"], label_column)
     for split in raw:
         raw[split] = _to_training_classes(raw[split], split, label_column, names)
     return raw, names

@@ -213,7 +213,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         raise InputError(f"{error}{did_you_mean(parser, argv)}") from error
     except ValueError as error:  # unused flags, and the checks of TrainingArguments and the GR fields
         raise InputError(f"{error}{did_you_mean(parser, argv)}") from error
-    check_args(model_args, data_args, {key: f"config file {config_file}" for key in config if key not in flags})
+    origins = {key: f"config file {config_file}" for key in config if key not in flags}
+    check_args(model_args, data_args, origins, do_train=training_args.do_train)
     if model_args.model_config is not None and not training_args.do_train:
         raise InputError(
             f"--do_train false with --model_config {model_args.model_config!r} would evaluate an untrained, randomly "
@@ -264,9 +265,11 @@ def read_config_file(path: str) -> dict[str, Any]:
     return config
 
 
-def check_args(model_args: ModelArguments, data_args: DataArguments, origins: dict[str, str] | None = None) -> None:
+def check_args(model_args: ModelArguments, data_args: DataArguments, origins: dict[str, str] | None = None,
+               do_train: bool = True) -> None:  # fmt: skip
     """Refuse contradictory model and data choices before anything is loaded; `origins` says which values came
-    from the config file (the others came from the command line)."""
+    from the config file (the others came from the command line). Without training (`do_train` false) only the
+    data evaluated is needed: --validation_file or --test_files (or a dataset)."""
     origins = origins or {}
 
     def given(args: Any, *keys: str) -> str:
@@ -283,6 +286,13 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, origins: di
             f"--config_overrides applies to --model_config; a pretrained model keeps its config. Got "
             f"{given(model_args, 'config_overrides', 'model_name_or_path')}."
         )
+    if not do_train and data_args.dataset_name is None and data_args.train_file is None:
+        if data_args.validation_file is None and not data_args.test_files:
+            raise InputError(
+                "--do_train false evaluates a trained model: give the data to evaluate, --validation_file (and/or "
+                "--test_files name=path), or --dataset_name."
+            )
+        return
     if (data_args.dataset_name is None) == (data_args.train_file is None):
         sources = given(data_args, "dataset_name", "train_file")
         raise InputError(f"Give exactly one of --dataset_name and --train_file; got {sources}.")
@@ -383,6 +393,12 @@ def cap_dataloader_workers(training_args: GRTrainingArguments) -> None:
     if training_args.dataloader_num_workers > cpus:
         logger.info("dataloader_num_workers %d → %d: one per CPU", training_args.dataloader_num_workers, cpus)
         training_args.dataloader_num_workers = cpus
+
+
+def model_labels(model_args: ModelArguments) -> list[str]:
+    """The class names a trained model was saved with (its config's id2label, by index)."""
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    return [str(config.id2label[i]) for i in range(config.num_labels)]
 
 
 def cpu_threads(training_args: GRTrainingArguments) -> int | None:
@@ -502,9 +518,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     transformers.utils.logging.set_verbosity(log_level)
     passive = training_args.log_level == "passive" and training_args.should_log
     logger.setLevel(logging.INFO if passive else log_level)
-    logger.info(
-        "GR: λ=%s r=%s warmup=%s", training_args.gr_lambda, training_args.gr_r, training_args.gr_warmup_strategy
-    )
+    if training_args.do_train:
+        logger.info(
+            "GR: λ=%s r=%s warmup=%s", training_args.gr_lambda, training_args.gr_r, training_args.gr_warmup_strategy
+        )
+    else:
+        logger.info("Evaluation only (--do_train false): %s is evaluated, nothing is trained.",
+                    model_args.model_name_or_path)  # fmt: skip
     if checkpoint is not None:
         logger.info(resume_message(checkpoint, training_args))
     cap_dataloader_workers(training_args)
@@ -512,28 +532,34 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # The dataset, its columns and labels: every input error surfaces here, before any model is built.
     with training_args.main_process_first(desc="loading the dataset"):
-        raw = data.load_image_dataset(
-            data_args.dataset_name,
-            data_args.dataset_config_name,
-            data_args.train_file,
-            data_args.validation_file,
-            cache_dir=model_args.cache_dir,
-            train_val_split=data_args.train_val_split,
-            seed=training_args.seed,
-        )
+        if data_args.dataset_name is None and data_args.train_file is None:  # evaluation only: no training data
+            raw = data.load_eval_only(data_args.validation_file, model_args.cache_dir)
+        else:
+            raw = data.load_image_dataset(
+                data_args.dataset_name,
+                data_args.dataset_config_name,
+                data_args.train_file,
+                data_args.validation_file,
+                cache_dir=model_args.cache_dir,
+                train_val_split=data_args.train_val_split,
+                seed=training_args.seed,
+            )
     test_sets = data.load_test_sets(data_args.test_files, model_args.cache_dir)
     raw.update(test_sets)
-    image_column, label_column = data.resolve_columns(raw["train"], data_args.image_column, data_args.label_column)
-    for split in ("validation", *test_sets):
+    first = next(iter(raw.values()))
+    image_column, label_column = data.resolve_columns(first, data_args.image_column, data_args.label_column)
+    for split in raw:
         data.resolve_columns(raw[split], image_column, label_column)
     raw = data.decode_images(raw, image_column)
     raw = data.check_images(raw, image_column, data_args.skip_bad_images)
-    if data_args.max_train_samples is not None:
+    if data_args.max_train_samples is not None and "train" in raw:
         raw["train"] = raw["train"].shuffle(seed=training_args.seed).select(range(data_args.max_train_samples))
-    if data_args.max_eval_samples is not None:
+    if data_args.max_eval_samples is not None and "validation" in raw:
         raw["validation"] = raw["validation"].select(range(min(data_args.max_eval_samples, len(raw["validation"]))))
-    raw, labels = data.prepare_labels(raw, label_column)
-    logger.info("%d classes; %d train / %d eval examples", len(labels), len(raw["train"]), len(raw["validation"]))
+    # The classes: the training split's, or (evaluation only) those the trained model was saved with.
+    raw, labels = data.prepare_labels(raw, label_column, None if "train" in raw else model_labels(model_args))
+    sizes = " / ".join(f"{len(split)} {'eval' if name == 'validation' else name}" for name, split in raw.items())
+    logger.info("%d classes; %s examples", len(labels), sizes)
 
     # The model and its image processor (the checkpoint's own, or CIFAR normalization for from-scratch ViTs),
     # initialized from the seed: runs that differ only in their GR settings start from the same weights.
@@ -558,7 +584,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model=model,
         args=training_args,
         train_dataset=raw["train"] if training_args.do_train else None,
-        eval_dataset=raw["validation"] if training_args.do_eval else None,
+        eval_dataset=raw.get("validation") if training_args.do_eval else None,
         data_collator=data.collate_fn,
         compute_metrics=compute_metrics_fn(),
         processing_class=image_processor,
@@ -576,7 +602,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer.save_state()
         metrics.update(train_result.metrics)
 
-    if training_args.do_eval:
+    if training_args.do_eval and "validation" in raw:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
@@ -589,6 +615,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer.save_metrics(name, test_metrics)
         metrics.update(test_metrics)
 
+    if not training_args.do_train:  # the folder's own card describes how its model was trained: leave it as it is
+        logger.info("Evaluation only: no model card written, nothing pushed.")
+        return metrics
     card_kwargs = {
         "tasks": "image-classification",
         "tags": ["image-classification", "vision"],

@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard
 from transformers import Seq2SeqTrainer, Trainer, TrainingArguments
 
 from hf_gr import GRArguments, GRMixin, GRTrainer, GRTrainingArguments
+from hf_gr._internal import setup
 
 from gr_testing import DictDataset, TinyNet, exact_gr_grad, grads_of, make_args, max_rel_err, params_of
 
@@ -273,3 +274,16 @@ def test_resume_from_a_checkpoint_without_a_record_says_what_is_recorded(tmp_pat
     assert (only["first_step"], only["last_step"]) == (5, 6)
     resumed.create_model_card()
     assert "  - steps 5–6: λ = 0.1" in (tmp_path / "out" / "README.md").read_text()
+
+
+# ---- a launcher's several processes that each run alone ----
+
+
+def test_a_lone_process_of_several_is_refused(tmp_path, monkeypatch):
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: WORLD_SIZE=2 in each process,
+    but no process group; each would train alone into the same folder."""
+    trainer = GRTrainer(model=TinyNet(), args=make_args(tmp_path))
+    setup.refuse_unsupported(trainer)  # one process, no launcher: fine
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"WORLD_SIZE=2 .* single process.*torchrun --nproc_per_node 2"):
+        setup.refuse_unsupported(trainer)

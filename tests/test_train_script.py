@@ -106,6 +106,17 @@ def test_quickstart_end_to_end(tmp_path):
                         "--output_dir", str(tmp_path / "eval_only")])  # fmt: skip
     assert again["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
 
+    # ... and with only the data it evaluates: the held-out images as a parquet file, no training data, no config.
+    seed = train.parse_args([QUICKSTART, *SHORT, "--output_dir", str(out)])[2].seed
+    held_out = tmp_path / "held_out.parquet"
+    data.load_digits_dataset(seed=seed)["validation"].to_parquet(str(held_out))
+    card_before = (out / "README.md").read_text()
+    alone = train.main(["--model_name_or_path", str(out), "--validation_file", str(held_out), "--do_train", "false",
+                        "--output_dir", str(tmp_path / "alone"), "--use_cpu", "true", "--report_to", "none"])
+    assert alone["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
+    assert not (tmp_path / "alone" / "README.md").exists()  # no card claims a training that did not happen
+    assert (out / "README.md").read_text() == card_before
+
 
 def _cifar_subset(path: Path, classes: tuple[int, ...] = (0, 6), per_class: int = 32) -> Path:
     """The first `per_class` CIFAR-10 test images of each of `classes` (airplane, frog), with the file's features."""
@@ -570,7 +581,8 @@ def test_push_to_hub_with_the_hub_out_of_reach_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_push_to_hub_is_checked_before_loading(tmp_path, nothing_loaded):
+def test_push_to_hub_is_checked_before_loading(tmp_path, nothing_loaded, monkeypatch):
+    monkeypatch.setattr(train, "is_offline_mode", lambda: True)  # as under HF_HUB_OFFLINE=1, whatever the caller set
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE=1"):
         train.main([QUICKSTART, "--push_to_hub", "true", "--output_dir", str(tmp_path / "out")])
 

@@ -4,6 +4,7 @@ strategy's callback, and how the step runs (the process layout), for `GRMixin`."
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from accelerate.utils.environment import parse_flag_from_env
@@ -18,6 +19,7 @@ logger = logging.getLogger("hf_gr.trainer")  # what a GR trainer says at start-u
 
 def refuse_unsupported(trainer: Any) -> None:
     """Refuse, at start-up, what the two-pass step cannot run under, naming what to use instead."""
+    refuse_a_lone_process_of_many(trainer.accelerator.num_processes)
     if trainer.is_deepspeed_enabled:
         raise ValueError(
             "GR does not support DeepSpeed: its engine steps the optimizer inside backward and ZeRO-2/3 "
@@ -63,6 +65,20 @@ def refuse_unsupported(trainer: Any) -> None:
             "gr_first_term='normalized' (the official code's g1/‖g1‖) is defined for one micro-batch without "
             "loss scaling: use gradient_accumulation_steps=1 and no fp16, or gr_first_term='raw'."
         )
+
+def refuse_a_lone_process_of_many(num_processes: int) -> None:
+    """A launcher said several processes (WORLD_SIZE > 1) but this one runs alone: it would train the whole model
+    on its own, as every other process does, into the same output_dir."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and num_processes == 1:
+        raise ValueError(
+            f"WORLD_SIZE={world} says this is one of {world} processes, but it runs as a single process: no process "
+            "group was formed (`accelerate launch --multi_gpu` on a machine without visible GPUs does this), so each "
+            f"process would train on its own into the same output_dir. On CPUs launch with `torchrun "
+            f"--nproc_per_node {world} SCRIPT` and use_cpu=True; on GPUs check that they are visible (nvidia-smi, "
+            "CUDA_VISIBLE_DEVICES); for one process, run the script without a launcher."
+        )
+
 
 def bind_warmup_callback(trainer: Any) -> GRWarmupCallback | None:
     """The warmup strategy: one passed in `callbacks` wins over `gr_warmup_strategy`; two are an error."""
