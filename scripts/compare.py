@@ -66,12 +66,23 @@ CONFIG_KEYS = {
     "threads": "torch threads per run on CPU (default 1)",
     "metrics": "the final metrics compared, the first the primary (e.g. test_error_rate)",
     "pairs": "[a, b] pairs: the report gives a − b paired by seed",
+    "hypotheses": "[{name, pair: [a, b]}]: pre-registered tests of the primary metric, Holm-adjusted over the list",
     "curve": "the validation metric drawn against the step (default eval_error_rate)",
     "per_step": "{keys: [...], pairs: [[a, b]], windows: {label: [first, last]}, every_after: n}",
     "determinism": "{arm, seed, max_steps}: run that arm twice and compare the final weights bit for bit",
 }
 RUN_OPTIONS = ("only_arms", "only_seeds", "commit")  # set from the command line, not part of the YAML
 HISTORY_KEYS = ("loss", "eval_loss", "gr_step_fraction", "gr_reuse_fraction")
+
+
+_SAY = threading.Lock()
+
+
+def say(message: str) -> None:
+    """One whole progress line (runs finish in parallel threads: their lines must not run into each other)."""
+    with _SAY:
+        sys.stdout.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+        sys.stdout.flush()
 
 
 class ConfigError(ValueError):
@@ -110,7 +121,10 @@ def load_config(path: Path, data_source: str | None = None) -> dict[str, Any]:
         raise ConfigError(f"{path}: 'base' must be a mapping of train.py arguments or the path of a train.py YAML.")
     pairs = [list(p) for p in config.get("pairs", [])]
     step_pairs = [list(p) for p in (config.get("per_step") or {}).get("pairs", [])]
-    for pair in pairs + step_pairs:
+    hypotheses = config.get("hypotheses") or []
+    if not all(isinstance(h, dict) and {"name", "pair"} <= set(h) for h in hypotheses):
+        raise ConfigError(f"{path}: 'hypotheses' must list {{name, pair: [a, b]}} mappings.")
+    for pair in pairs + step_pairs + [list(h["pair"]) for h in hypotheses]:
         if len(pair) != 2 or not set(pair) <= set(arms):
             raise ConfigError(f"{path}: pair {pair!r} must name two arms of: {', '.join(arms)}.")
     if not isinstance(config["metrics"], list) or not config["metrics"]:
@@ -426,7 +440,7 @@ class Study:
         for command in (["git", "add", "--", *paths], ["git", "commit", "-q", "-m", message, "--", *paths]):
             done = subprocess.run(command, cwd=self.json_path.parent, capture_output=True, text=True)
             if done.returncode:
-                print(f"not committed ({' '.join(command[:2])}): {done.stderr.strip()}", flush=True)
+                say(f"not committed ({' '.join(command[:2])}): {done.stderr.strip()}")
                 return
 
     def save(self) -> None:
@@ -466,7 +480,7 @@ def recheck(config: dict[str, Any], study: Study, env: dict[str, Any], arm: str,
     timings, the step count and the weights' SHA-256 must be equal bit for bit. Returns the differences."""
     stored = study.record_of(arm, seed)
     folder = Path(config["output_dir"]) / "rerun" / f"{arm}-seed{seed}"
-    print(f"{time.strftime('%H:%M:%S')} re-run {arm} seed {seed} to check it against its record", flush=True)
+    say(f"re-run {arm} seed {seed} to check it against its record")
     train(config, arm, seed, 0 if gpu_count(config) else None, {"output_dir": str(folder)})
     fresh = record(config, arm, seed, env, folder)
     differences = []
@@ -487,18 +501,14 @@ def run_one(config: dict[str, Any], study: Study, env: dict[str, Any], arm: str,
     if not finished(path):
         gpu = slots.get()
         try:
-            print(f"{time.strftime('%H:%M:%S')} start {arm} seed {seed}", flush=True)
+            say(f"start {arm} seed {seed}")
             train(config, arm, seed, gpu)
         finally:
             slots.put(gpu)
     entry = record(config, arm, seed, env)
     study.add(entry, history_of(path, config))
     metric = config["metrics"][0]
-    print(
-        f"{time.strftime('%H:%M:%S')} done {arm} seed {seed}: {metric} {entry['metrics'].get(metric, math.nan):.4f}, "
-        f"{entry['wall_s']:.0f} s",
-        flush=True,
-    )
+    say(f"done {arm} seed {seed}: {metric} {entry['metrics'].get(metric, math.nan):.4f}, {entry['wall_s']:.0f} s")
 
 
 def check_determinism(config: dict[str, Any], study: Study) -> None:
@@ -510,7 +520,7 @@ def check_determinism(config: dict[str, Any], study: Study) -> None:
     arm, seed, steps = spec["arm"], int(spec.get("seed", config["seeds"][0])), int(spec.get("max_steps", 20))
     folders = [Path(config["output_dir"]) / "determinism" / attempt for attempt in ("a", "b")]
     gpu = 0 if gpu_count(config) else None
-    print(f"{time.strftime('%H:%M:%S')} determinism check: {arm} seed {seed}, {steps} steps, twice side by side")
+    say(f"determinism check: {arm} seed {seed}, {steps} steps, twice side by side")
 
     def attempt(folder: Path) -> float:
         extra = {"max_steps": steps, "output_dir": str(folder), "test_files": None, "eval_strategy": "no"}
@@ -546,21 +556,21 @@ def run_study(config: dict[str, Any], pool: int | None) -> list[str]:
                 for difference in differences:
                     failures.append(f"{arm} seed {seed} differs from its record: {difference}")
                 if not differences:
-                    print(f"{arm} seed {seed}: identical to its record (metrics, steps, weights)", flush=True)
+                    say(f"{arm} seed {seed}: identical to its record (metrics, steps, weights)")
     todo = pending(config, study)
-    print(f"{len(todo)} runs to do, {len(study.data['runs'])} recorded; {size} at a time", flush=True)
+    say(f"{len(todo)} runs to do, {len(study.data['runs'])} recorded; {size} at a time")
 
     def job(arm: str, seed: int) -> None:
         try:
             run_one(config, study, env, arm, seed, slots)
         except Exception as error:  # noqa: BLE001 - one failed run must not stop the others
             failures.append(f"{arm} seed {seed}: {error!r}")
-            print(f"FAILED {arm} seed {seed}: {error!r}", flush=True)
+            say(f"FAILED {arm} seed {seed}: {error!r}")
             return
         try:
             study.report()
         except Exception as error:  # noqa: BLE001 - the report is a by-product; the runs matter
-            print(f"report not updated: {error!r}", flush=True)
+            say(f"report not updated: {error!r}")
 
     with ThreadPoolExecutor(max_workers=size) as executor:
         for arm, seed in todo:
@@ -614,6 +624,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {config['docs_dir']}/{config['name']}.md and .png")
             return 0
         failures = run_study(config, args.pool)
+        docs = Path(config["docs_dir"]) / config["name"]
+        say(f"report: {docs}.md, figure: {docs}.png, records: {docs}.json")
+        data = json.loads((REPO / f"{docs}.json").read_text())
+        for note in compare_report.few_seeds(config, data["runs"]):
+            say(f"warning: {note}")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -40,9 +40,7 @@ def by_seed(runs: list[dict[str, Any]], arm: str, value: Any) -> dict[int, float
 
 def paired_metric(runs: list[dict[str, Any]], a: str, b: str, key: str) -> dict[str, Any]:
     """Paired statistics of a − b for the final metric `key` (in report units)."""
-    left = by_seed(runs, a, lambda r: r["metrics"].get(key))
-    right = by_seed(runs, b, lambda r: r["metrics"].get(key))
-    return cs.paired([scale(key) * (left[s] - right[s]) for s in sorted(left.keys() & right.keys())])
+    return cs.paired(diffs(runs, a, b, key))
 
 
 def window_mean(history: dict[str, Any], key: str, first: int, last: int) -> float | None:
@@ -188,6 +186,79 @@ def determinism_text(data: dict[str, Any]) -> str:
     )
 
 
+FEW_SEEDS = 5  # below this many paired seeds the report and compare.py warn
+
+
+def seeds_needed(effect: float, sd: float) -> int | None:
+    """Seeds for 80 % power at p < 0.05 (two-sided paired t) to detect `effect` given the paired SD `sd`."""
+    if not (effect > 0 and sd > 0 and math.isfinite(effect / sd)):
+        return None
+    try:
+        return cs.seeds_for_power(effect, sd, cs.ALPHA)
+    except ImportError:  # without scipy: the normal approximation, plus 2 for the t distribution's tails
+        return math.ceil(((1.96 + 0.8416) * sd / effect) ** 2) + 2
+
+
+def few_seeds(config: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
+    """A sentence per pair whose primary metric has fewer than `FEW_SEEDS` paired seeds, with the seeds its
+    observed spread would need to detect a difference as large as the observed one."""
+    metric, notes = config["metrics"][0], []
+    for a, b in config["pairs"]:
+        s = paired_metric(runs, a, b, metric)
+        if not 0 < s["n"] < FEW_SEEDS:
+            continue
+        need = seeds_needed(abs(s["mean"]), s["sd"]) if s["n"] > 1 else None
+        spread = ""
+        if need:
+            spread = (f" With the observed spread (SD {s['sd']:.2f}), a difference as large as the observed "
+                      f"{abs(s['mean']):.2f} needs about {need} seeds for 80 % power at p < 0.05.")  # fmt: skip
+        notes.append(f"{label(config, a)} − {label(config, b)}: {s['n']} seed(s) are too few for a usable interval "
+                     f"(5 or more).{spread}")  # fmt: skip
+    return notes
+
+
+def few_seeds_text(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    notes = few_seeds(config, runs)
+    return "\n" + "\n".join(f"**Few seeds.** {note}" for note in notes) + "\n" if notes else ""
+
+
+def hypotheses_text(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """The pre-registered tests (`hypotheses` in the YAML): each pair's primary metric, two-sided paired t with
+    Holm's adjustment over the hypotheses, and the exact sign-flip test as a sensitivity check."""
+    hypotheses = config.get("hypotheses") or []
+    if not hypotheses:
+        return ""
+    metric = config["metrics"][0]
+    stats = [paired_metric(runs, *h["pair"], metric) for h in hypotheses]
+    holm = cs.holm([s["p"] if s["n"] > 1 else 1.0 for s in stats])
+    flips = [cs.holm([cs.sign_flip_p(diffs(runs, *h["pair"], metric)) if s["n"] > 1 else 1.0
+                      for h, s in zip(hypotheses, stats)])][0]  # fmt: skip
+    lines = ["| hypothesis | a − b | n | mean | 95 % CI | p | Holm p | sign-flip Holm p | reads |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for h, s, p_holm, p_flip in zip(hypotheses, stats, holm, flips):
+        reads = "not enough seeds" if s["n"] < 2 else (
+            f"{'lower' if s['mean'] < 0 else 'higher'} (Holm {cs.fmt_p(p_holm)})" if p_holm < cs.ALPHA
+            else f"no evidence of a difference (95 % CI [{s['low']:+.2f}, {s['high']:+.2f}])")  # fmt: skip
+        pair = f"{label(config, h['pair'][0])} − {label(config, h['pair'][1])}"
+        lines.append(f"| {h['name']} | {pair} | {s['n']} | {s['mean']:+.2f} | {_ci(s, '+.2f')} | {s['p']:.3g} | "
+                     f"{p_holm:.3g} | {p_flip:.3g} | {reads} |")  # fmt: skip
+    return f"""
+### The pre-registered tests ({metric}{unit(metric)})
+
+Two-sided paired t-tests, Holm-adjusted over the {len(hypotheses)} hypotheses; the exact sign-flip test
+(Holm-adjusted too) as a sensitivity check. A hypothesis reads "lower"/"higher" only when its Holm p < 0.05.
+
+{chr(10).join(lines)}
+"""
+
+
+def diffs(runs: list[dict[str, Any]], a: str, b: str, key: str) -> list[float]:
+    """The per-seed differences a − b of the final metric `key` (in report units), over the seeds both arms ran."""
+    left = by_seed(runs, a, lambda r: r["metrics"].get(key))
+    right = by_seed(runs, b, lambda r: r["metrics"].get(key))
+    return [scale(key) * (left[s] - right[s]) for s in sorted(left.keys() & right.keys())]
+
+
 def markdown(config: dict[str, Any], data: dict[str, Any], histories: dict[str, Any]) -> str:
     runs = data["runs"]
     total = len(config["arms"]) * len(config["seeds"])
@@ -199,7 +270,17 @@ def markdown(config: dict[str, Any], data: dict[str, Any], histories: dict[str, 
         for arm, overrides in config["arms"].items()
     )
     base = "\n".join(f"{k}: {v}" for k, v in config["base"].items())
-    windows = window_table(config, runs, histories) if config.get("per_step", {}).get("pairs") else "None asked."
+    windows = ""
+    if config.get("per_step", {}).get("pairs"):
+        windows = f"""## Per-step statistics (a − b over windows of steps, paired by seed)
+
+Each run's mean over the window, then the paired difference of the two arms' means (a − b, its 95 %
+t-interval and p), and the same for the relative difference (a − b)/b of the window means, in percent.
+
+{window_table(config, runs, histories)}
+
+"""
+    docs = f"{config.get('docs_dir', 'docs')}/{config['name']}"
     return f"""# {config.get("title", config["name"])}
 
 {config.get("description", "").strip()}
@@ -210,7 +291,7 @@ Runs recorded: {len(runs)} of {total} ({len(config["arms"])} arms × {len(config
 
 ```bash
 python scripts/compare.py {command}                 # runs what is missing (a finished run is not re-run)
-python scripts/compare.py {command} --report_only   # this report and the figure, from the committed files
+python scripts/compare.py {command} --report_only   # this report and the figure, from {docs}.json and its histories
 ```
 
 ## Arms
@@ -235,7 +316,7 @@ is called "lower" or "higher" only when p < 0.05; otherwise there is no evidence
 interval says how large one could still be.
 
 {pair_table(config, runs) if runs else "No runs yet."}
-
+{few_seeds_text(config, runs)}{hypotheses_text(config, runs)}
 ## Per arm (mean ± standard deviation over seeds)
 
 {arm_table(config, runs) if runs else "No runs yet."}
@@ -246,14 +327,7 @@ forward-backward passes (1 + f with `gr_ascent_fraction` f, whose pass 1 sees a 
 step one. Wall time is per run, {config.get("pool") or "one per CPU"} runs at a
 time on a shared machine, and includes start-up and the evaluations.
 
-## Per-step statistics (a − b over windows of steps, paired by seed)
-
-Each run's mean over the window, then the paired difference of the two arms' means (a − b, its 95 %
-t-interval and p), and the same for the relative difference (a − b)/b of the window means, in percent.
-
-{windows}
-
-![per-arm validation curves, paired differences and per-step differences]({config["name"]}.png)
+{windows}![per-arm validation curves, paired differences and per-step differences]({config["name"]}.png)
 
 ## Reproducibility
 

@@ -4,6 +4,7 @@ files; the paired statistics and their wording against scipy."""
 
 import gzip
 import io
+import itertools
 import json
 import math
 import re
@@ -102,7 +103,8 @@ def report_row(text, metric):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("compare")
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, hypotheses=[{"name": "H1", "pair": ["gr", "plain"]},
+                                                {"name": "H2", "pair": ["plain", "gr"]}])  # fmt: skip
     assert compare.main([str(config)]) == 0
     return tmp_path, config
 
@@ -177,6 +179,9 @@ def test_resume_runs_nothing_twice(study, capsys):
     assert compare.main([str(config)]) == 0
     out = capsys.readouterr().out
     assert "1 runs to do, 3 recorded" in out and "start" not in out
+    stamps = [re.findall(r"\d\d:\d\d:\d\d ", line) for line in out.splitlines()]
+    assert all(len(found) == 1 and line.startswith(found[0]) for found, line in zip(stamps, out.splitlines()))
+    assert f"report: {tmp_path / 'docs' / 'ab'}.md" in out and "warning: gr − plain: 2 seed(s) are too few" in out
     assert marker.stat().st_mtime_ns == before
     assert len(json.loads(path.read_text())["runs"]) == 4
     assert compare.main([str(config)]) == 0
@@ -273,3 +278,21 @@ def test_holm_sign_flip_and_power_against_independent_values():
     draws = rng.normal(1.0, 1.2, size=(20000, 8))
     simulated = np.mean(stats.ttest_1samp(draws, 0.0, axis=1).pvalue < 0.025)
     assert cs.paired_t_power(8, 1.0, 1.2, 0.025) == pytest.approx(simulated, abs=0.01)
+
+
+def test_the_report_warns_of_few_seeds_and_gives_the_pre_registered_tests(study):
+    tmp_path, _ = study
+    text = (tmp_path / "docs" / "ab.md").read_text()
+    data = json.loads((tmp_path / "docs" / "ab.json").read_text())
+    runs = {(r["arm"], r["seed"]): r["metrics"]["test_error_rate"] * 100 for r in data["runs"]}
+    diffs = [runs["gr", s] - runs["plain", s] for s in (0, 1)]
+    assert "**Few seeds.** gr − plain: 2 seed(s) are too few" in text
+    p = stats.ttest_rel([runs["gr", s] for s in (0, 1)], [runs["plain", s] for s in (0, 1)]).pvalue
+    flips = [abs(sum(sign * d for sign, d in zip(signs, diffs))) for signs in itertools.product((1, -1), repeat=2)]
+    flip_p = sum(f >= abs(sum(diffs)) * (1 - 1e-12) for f in flips) / 4
+    for name in ("H1", "H2"):  # the same |difference| twice: Holm doubles both p (capped at 1)
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[5]) == pytest.approx(p, rel=1e-2)
+        assert float(cells[6]) == pytest.approx(min(1.0, 2 * p), rel=1e-2)
+        assert float(cells[7]) == pytest.approx(min(1.0, 2 * flip_p), rel=1e-2)
