@@ -15,11 +15,13 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ._internal import gradient, sync
 from ._internal.metrics import GRMetrics
 
 __all__ = ["GRDiagnosticsCallback", "adaptive_lr_stats"]
 
 GRADIENT_KEYS = ("gr_grad_norm", "gr_perturbed_grad_norm", "gr_cosine")
+UPDATE_KEY = "update_size"  # ‖Δθ‖/lr of the step's update
 ADAPTIVE_LR_KEYS = (
     "adaptive_lr_mean",
     "adaptive_lr_var",
@@ -103,6 +105,15 @@ def adaptive_lr_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return stats
 
 
+def update_size(params: list[torch.Tensor], before: list[torch.Tensor], lr: float) -> torch.Tensor:
+    """‖θ − θ_before‖ / lr over the parameters (their local shards, summed over ranks under FSDP2), on the device."""
+    steps = torch._foreach_sub(sync.local_shards(params), before)
+    squared = gradient.squared_norm(steps)
+    if sync.is_sharded(params):
+        squared = sync.all_reduce_sum(squared, sync.world_size())
+    return squared.sqrt() / lr if lr > 0 else torch.full_like(squared, math.nan)
+
+
 class GRDiagnosticsCallback(TrainerCallback):
     """Logs, every `every` optimizer steps, the quantities behind the paper's "when is GR harmful" analysis.
 
@@ -111,8 +122,10 @@ class GRDiagnosticsCallback(TrainerCallback):
     steps (λ = 0, zero-warmup): `gr_grad_norm`, ‖g‖ measured the same way. With Adam/AdamW/RMSProp, right after
     the step's update: `adaptive_lr_mean`, `adaptive_lr_var`, `adaptive_lr_max` of lr/(√v̂ + eps), and the
     learning-rate-free `adaptive_lr_log_var`, `adaptive_lr_inactive_fraction`, `adaptive_psi_mean` and
-    `adaptive_psi_var` (see `adaptive_lr_stats`). The
-    entry logged after step s describes step s. Off-diagnostic steps cost nothing.
+    `adaptive_psi_var` (see `adaptive_lr_stats`). For every optimizer: `update_size`, ‖Δθ‖/lr, the size of the
+    step's update over the first parameter group's learning rate (for SGD, the norm of the applied gradient; for
+    Adam, how far the adaptive rates moved θ); measuring it keeps a copy of the trainable parameters for the step.
+    The entry logged after step s describes step s. Off-diagnostic steps cost nothing.
 
     Args:
         every (`int`): log every this many optimizer steps.
@@ -123,6 +136,7 @@ class GRDiagnosticsCallback(TrainerCallback):
             raise ValueError(f"GRDiagnosticsCallback needs every >= 1, got {every!r}.")
         self.every = every
         self.metrics: GRMetrics | None = None
+        self.before: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (parameters, their copy)
 
     def bind(self, metrics: GRMetrics) -> None:
         """Give the callback the trainer's `GRMetrics` (done by `GRMixin`)."""
@@ -131,13 +145,21 @@ class GRDiagnosticsCallback(TrainerCallback):
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self.metrics is not None:
             self.metrics.recording = (state.global_step + 1) % self.every == 0
+            model = kwargs.get("model")
+            if self.metrics.recording and model is not None:
+                params = [p for p in model.parameters() if p.requires_grad]
+                self.before = (params, [t.detach().clone() for t in sync.local_shards(params)])
         return control
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # Right after optimizer.step() and before the scheduler moves the lr: the step's own learning rate.
-        if self.metrics is not None and self.metrics.recording and kwargs.get("optimizer") is not None:
-            for key, value in adaptive_lr_stats(kwargs["optimizer"]).items():
+        optimizer = kwargs.get("optimizer")
+        if self.metrics is not None and self.metrics.recording and optimizer is not None:
+            for key, value in adaptive_lr_stats(optimizer).items():
                 self.metrics.add(key, value)
+            if self.before is not None:
+                self.metrics.add(UPDATE_KEY, update_size(*self.before, float(optimizer.param_groups[0]["lr"])))
+        self.before = None
         return control
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):

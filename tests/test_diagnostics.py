@@ -228,3 +228,17 @@ def test_metrics_are_averaged_into_the_next_log_and_kept_as_running_sums(tmp_pat
     trainer.train()
     counts = {"gr_step_fraction": 30, "gr_reuse_fraction": 30, "gr_sharpness": 30}
     assert trainer.gr_metrics.counts == counts  # running sums: no list per step
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e6, 0.05], ids=["unclipped", "clipped"])
+def test_update_size_is_the_applied_gradients_norm_under_sgd(tmp_path, max_grad_norm):
+    """SGD without momentum or weight decay moves θ by lr·g: ‖Δθ‖/lr is the norm of the gradient it applied, the
+    Trainer's own `grad_norm` (measured before clipping), or the clipping bound when clipping bites."""
+    args = make_args(tmp_path, max_steps=3, gr_diagnostics_steps=1, logging_steps=1, gr_lambda=0.1, optim="sgd",
+                     learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=max_grad_norm)
+    trainer = GRTrainer(model=TinyNet(), args=args, train_dataset=DictDataset(64))
+    trainer.train()
+    entries = _diagnostic_entries(trainer)
+    assert len(entries) == 3
+    for e in entries:
+        assert e["update_size"] == pytest.approx(min(e["grad_norm"], max_grad_norm), rel=1e-4)
