@@ -20,6 +20,7 @@ def _text(path: Path) -> str:
 
 
 README = _text(ROOT / "README.md")
+README_LINES = (ROOT / "README.md").read_text(encoding="utf-8").replace("−", "-").splitlines()
 
 # (study, arm a, arm b): the README quotes the mean ([low, high]) of a − b in test-error points.
 TEST_ERROR_CLAIMS = [
@@ -124,3 +125,39 @@ def test_the_quoted_interval_widths_are_the_records():
     test-error intervals."""
     halves = [(high - low) / 2 for low, high in (_paired(*claim)[1:3] for claim in TEST_ERROR_CLAIMS[:7])]
     assert f"reaches {min(halves):.1f}–{max(halves):.1f} points either side" in README
+
+
+# The table of every earlier study version: (study records, its row's first cell) → GR − plain and zero − GR.
+VERSIONS = [("study-cpu-short", "[short]"), ("study-cpu-1280", "1,280 steps"), ("study-cpu", "[2,400 steps]")]
+
+
+@pytest.mark.parametrize("study, row", VERSIONS, ids=[s for s, _ in VERSIONS])
+def test_the_table_of_study_versions_is_the_records(study, row):
+    line = next(x for x in README_LINES if x.startswith(f"| {row}"))
+    for a, b in (("gr", "plain"), ("zero-warmup", "gr")):
+        mean, low, high, _ = _paired(study, a, b)
+        assert f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]" in line, (a, b)
+    seeds = len(_metric(study, "plain", "test_error_rate"))
+    assert f"| {seeds} |" in line
+
+
+def test_the_adjusted_p_and_the_regime_of_the_1280_step_version_are_the_records():
+    pairs = TEST_ERROR_CLAIMS[:7] + [("study-cpu", "plain", "plain-no-lr-warmup")]  # the study's 8 contrasts
+    ps = [_paired(*pair)[3] for pair in pairs]
+    order = sorted(range(8), key=lambda i: ps[i])
+    holm, running = {}, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (8 - rank) * ps[i]))
+        holm[i] = running
+    assert f"Holm over the study's 8 test-error contrasts: p = {holm[0]:.2f})" in README
+    train_error = statistics.mean(_metric("study-cpu-1280", "plain", "train_clean_error_rate").values())
+    assert f"plain still erred on {100 * train_error:.0f} % of its training images" in README
+
+
+def test_the_scale_free_dispersion_did_not_rise():
+    report = (ROOT / "docs" / "study-cpu.md").read_text(encoding="utf-8").replace("−", "-").replace("–", "-")
+    rows = [r for r in report.splitlines() if r.startswith("| GR - plain | adaptive_lr_log_var |")]
+    lows = {r.split("|")[3].strip().split(" (")[0]: float(re.findall(r"[-+]?\d+\.\d+", r.split("|")[6])[0])
+            for r in rows}  # fmt: skip
+    assert lows["rest of warmup"] <= 0 and lows["W-2W"] <= 0  # neither window's interval lies above 0
+    assert "the scale-free variance of ln ψ did not rise in either window" in README
