@@ -247,16 +247,21 @@ def _validate_cheaper_every_step(args: Any) -> None:
         )
 
 
-def warn_if_alpha_extrapolates(args: Any) -> None:
-    """Warn when α = λ/r > 2: the first term's weight 1 − α < −1 puts the step far beyond g2 (the paper: α ≤ 1)."""
+def warn_if_alpha_extrapolates(args: Any, stacklevel: int = 4) -> None:
+    """Warn when α = λ/r > 2: the first term's weight 1 − α < −1 puts the step far beyond g2 (the paper: α ≤ 1).
+
+    Called when the arguments are built and again when a trainer takes them (λ or r may have been set since):
+    each α is warned about once per arguments object.
+    """
     alpha = args.gr_lambda / args.gr_r
-    if alpha > 2:
+    if alpha > 2 and getattr(args, "_gr_warned_alpha", None) != alpha:
+        args._gr_warned_alpha = alpha
         warnings.warn(
             f"gr_lambda/gr_r = α = {alpha:.4g} > 2: the GR gradient (1 − α)·g1 + α·g2 weights g1 by 1 − α = "
             f"{1 - alpha:.4g} < −1, which extrapolates far past g2 (the paper uses α ≤ 1; α = 1 is SAM). Check "
             "gr_lambda and gr_r.",
             UserWarning,
-            stacklevel=4,  # the line that built the arguments (through __init__ and __post_init__)
+            stacklevel=stacklevel,  # 4: the line that built the arguments (through __init__ and __post_init__)
         )
 
 

@@ -26,7 +26,7 @@ from ._internal import ascent, checkpoint, gradient, hub, metrics, record, sched
 from ._internal.metrics import GradientNormProbe, GRMetrics
 from ._internal.passes import GRPasses
 from ._internal.schedule import GR, REUSE, StepPlan, StepPlanner
-from .arguments import GRArguments, GRTrainingArguments, validate_gr_arguments
+from .arguments import GRArguments, GRTrainingArguments, validate_gr_arguments, warn_if_alpha_extrapolates
 from .diagnostics import GRDiagnosticsCallback
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class GRMixin:
                 "GRTrainingArguments, or combine them, e.g. `@dataclass class MyConfig(GRArguments, SFTConfig)`."
             )
         validate_gr_arguments(self.args)
+        warn_if_alpha_extrapolates(self.args, stacklevel=3)  # λ or r may have changed since the arguments were built
         setup.refuse_unsupported(self)
         self.gr_warmup = setup.bind_warmup_callback(self)
         warmup = self.gr_warmup.coefficients if self.gr_warmup is not None else None

@@ -622,7 +622,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "tasks": "image-classification",
         "tags": ["image-classification", "vision"],
         "finetuned_from": model_args.model_name_or_path,
-        "dataset": data_args.dataset_name or _file_name(data_args.train_file),
+        "dataset": data_args.dataset_name or dataset_label(data_args.train_file),
     }
     if training_args.push_to_hub:
         trainer.push_to_hub(**card_kwargs)
@@ -649,8 +649,13 @@ def finished_run(training_args: GRTrainingArguments, step: int, max_steps: int) 
         return json.load(f)
 
 
-def _file_name(path: str | None) -> str | None:
-    return Path(path).name if path else None
+def dataset_label(path: str | None) -> str | None:
+    """How a model card names local training data: the file or folder's name, or, for one named after its split
+    (`cifar10/train.parquet`, `pets/train/`), the folder it sits in."""
+    if not path:
+        return None
+    location = Path(path.rstrip("/"))
+    return location.parent.name or location.stem if location.stem in ("train", "training") else location.stem
 
 
 def error_line(error: Exception) -> str:

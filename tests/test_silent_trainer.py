@@ -185,6 +185,17 @@ def test_alpha_above_two_warns_once(tmp_path, gr_lambda, warns):
         assert "α = 5 > 2" in messages[0] and "1 − α = -4 < −1" in messages[0] and "past g2" in messages[0]
 
 
+def test_alpha_set_above_two_after_the_arguments_were_built_warns_when_the_trainer_takes_them(tmp_path):
+    args = make_args(tmp_path, gr_lambda=0.1, gr_r=0.1)
+    args.gr_lambda = 0.3  # α = 3, set after the arguments validated themselves
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        GRTrainer(model=TinyNet(), args=args)
+        GRTrainer(model=TinyNet(), args=args)  # the same α again: said once
+    messages = [str(w.message) for w in caught if "extrapolates" in str(w.message)]
+    assert len(messages) == 1 and "α = 3 > 2" in messages[0]
+
+
 # ---- the distributed mode at train start ----
 
 
@@ -245,6 +256,18 @@ def test_resume_with_changed_settings_warns_and_records_each_range(tmp_path, cap
     assert "  - steps 1–4: λ = 0.1, r = 0.1 (α = 1)" in card.text and "GR warmup: none over W = 0" in card.text
     assert "  - steps 5–6: λ = 0.05, r = 0.1 (α = 0.5)" in card.text and "GR warmup: zero over W = 1" in card.text
     assert "\n- λ = " not in card.text  # no line claims one λ for the whole run
+
+
+def test_a_resume_that_changes_only_the_ascent_fraction_shows_two_different_ranges(tmp_path):
+    _run(tmp_path, 4).train()
+    resumed = _run(tmp_path, 6, gr_ascent_fraction=0.5, per_device_train_batch_size=8)
+    resumed.train(resume_from_checkpoint=True)
+    resumed.create_model_card()
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    first, second = card.data.hf_gr["gr_segments"]
+    assert list(first) == list(second)  # one key order, the checkpoint's sorted JSON notwithstanding
+    lines = [line for line in card.text.splitlines() if line.startswith("  - steps ")]
+    assert len(lines) == 2 and "ascent fraction f = 1.0" in lines[0] and "ascent fraction f = 0.5" in lines[1]
 
 
 def test_resume_with_the_same_settings_keeps_one_range(tmp_path, caplog):

@@ -702,3 +702,11 @@ def test_cpu_threads_are_the_cores_other_processes_leave_idle(monkeypatch, load,
         assert torch.get_num_threads() == (want or before)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_card_names_local_data_after_its_folder_not_its_split():
+    assert train.dataset_label("data/cifar10/train.parquet") == "cifar10"
+    assert train.dataset_label("/data/pets/train/") == "pets"
+    assert train.dataset_label("flowers.parquet") == "flowers"
+    assert train.dataset_label("train") == "train"  # nothing better to say
+    assert train.dataset_label(None) is None

@@ -16,6 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from transformers import TrainerState
 
 from ..arguments import GRArguments, optimizer_name
+from . import record
 
 GR_TAGS = ("gradient-regularization", "hf_gr")
 _TIMINGS = ("runtime", "per_second")
@@ -27,13 +28,15 @@ Be Harmful?", ICML 2024):
 """
 _SETTINGS = """- λ = {gr_lambda}, r = {gr_r} (α = λ/r = {alpha}), method: {gr_method}, first term: {gr_first_term}
 - GR warmup: {gr_warmup_strategy} over W = {gr_warmup_steps} optimizer steps
-- cheaper modes: interval k = {gr_interval}, probability p = {gr_probability}, reuse = {gr_reuse}
+- cheaper modes: interval k = {gr_interval}, probability p = {gr_probability} (ramped to {gr_probability_end} by the
+  last step; None: constant), reuse = {gr_reuse}, sub-batch ascent fraction f = {gr_ascent_fraction}
 """
 _RANGES = "- GR settings by range of optimizer steps (changed on resume; steps not listed were not recorded):\n"
 _RANGE = (
     "  - steps {first_step}–{last_step}: λ = {gr_lambda}, r = {gr_r} (α = {alpha}), method: {gr_method}, first term: "
     "{gr_first_term}, GR warmup: {gr_warmup_strategy} over W = {gr_warmup_steps}, interval k = {gr_interval}, "
-    "probability p = {gr_probability}, reuse = {gr_reuse}, synced perturbation = {gr_sync_perturbation}\n"
+    "probability p = {gr_probability} (ramped to {gr_probability_end}), reuse = {gr_reuse}, sub-batch ascent "
+    "fraction f = {gr_ascent_fraction}, synced perturbation = {gr_sync_perturbation}\n"
 )
 _RUN = """- optimizer: {optimizer}, learning rate {learning_rate}, weight decay {weight_decay}, {max_steps} steps
 - dataset: {dataset}; base model: {base}
@@ -79,8 +82,14 @@ def gr_card_metadata(
         "dataset": dataset,
         "base_model": base_model,
         "eval_results": {k: float(v) if isinstance(v, float) else v for k, v in eval_results.items()},
-        "gr_segments": [dict(s) for s in segments or [] if s["last_step"] >= s["first_step"]],
+        "gr_segments": [_ordered(s) for s in segments or [] if s["last_step"] >= s["first_step"]],
     }
+
+
+def _ordered(segment: dict[str, Any]) -> dict[str, Any]:
+    """A segment's keys in one order (a checkpoint's JSON stores them sorted): the steps, then the settings."""
+    order = ("first_step", "last_step", *record.SETTINGS)
+    return {**{k: segment[k] for k in order if k in segment}, **{k: v for k, v in segment.items() if k not in order}}
 
 
 def add_gr_to_model_card(path: str, metadata: dict[str, Any]) -> ModelCard:
@@ -96,7 +105,9 @@ def add_gr_to_model_card(path: str, metadata: dict[str, Any]) -> ModelCard:
         data.datasets = [metadata["dataset"]]
     ranges = metadata.get("gr_segments") or []
     if len(ranges) > 1 or (ranges and ranges[0]["first_step"] > 1):
-        settings = _RANGES + "".join(_RANGE.format(alpha=f"{r['gr_lambda'] / r['gr_r']:.4g}", **r) for r in ranges)
+        older = {"gr_ascent_fraction": 1.0, "gr_probability_end": None}  # what a record from before them ran with
+        settings = _RANGES + "".join(_RANGE.format(alpha=f"{r['gr_lambda'] / r['gr_r']:.4g}", **{**older, **r})
+                                     for r in ranges)  # fmt: skip
     else:
         settings = _SETTINGS.format(alpha=f"{metadata['gr_alpha']:.4g}", **metadata)
     base = metadata["base_model"] or "none (trained from scratch)"
