@@ -403,10 +403,20 @@ class GRTrainer(GRMixin, Trainer):
     See `GRMixin` for the step and the logged metrics.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if len(args) < 2 and kwargs.get("args") is None:
-            kwargs["args"] = GRTrainingArguments(output_dir="tmp_trainer")  # as Trainer does without arguments
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: nn.Module | None = None, args: GRArguments | None = None, *trainer_args: Any,
+                 **trainer_kwargs: Any) -> None:  # fmt: skip
+        """
+        Args:
+            model (`PreTrainedModel` or `nn.Module`, *optional*): the model to train, as for `Trainer`.
+            args (`GRTrainingArguments`, *optional*): the training and GR settings (default: `GRTrainingArguments`
+                with `output_dir="tmp_trainer"`, as `Trainer` does).
+            *trainer_args: the other positional arguments of `transformers.Trainer` (`data_collator`, ...).
+            **trainer_kwargs: every other argument of `transformers.Trainer`, unchanged (`train_dataset`,
+                `eval_dataset`, `processing_class`, `compute_metrics`, `callbacks`, `optimizers`, ...).
+        """
+        if args is None:
+            args = GRTrainingArguments(output_dir="tmp_trainer")  # as Trainer does without arguments
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
 
 
 class _GRStepCallback(TrainerCallback):

@@ -281,6 +281,7 @@ t-interval and p), and the same for the relative difference (a − b)/b of the w
 
 """
     docs = f"{config.get('docs_dir', 'docs')}/{config['name']}"
+    png = f"{config['name']}.png"
     return f"""# {config.get("title", config["name"])}
 
 {config.get("description", "").strip()}
@@ -327,7 +328,7 @@ forward-backward passes (1 + f with `gr_ascent_fraction` f, whose pass 1 sees a 
 step one. Wall time is per run, {config.get("pool") or "one per CPU"} runs at a
 time on a shared machine, and includes start-up and the evaluations.
 
-{windows}![per-arm validation curves, paired differences and per-step differences]({config["name"]}.png)
+{windows}[![per-arm validation curves, paired differences and per-step differences]({png})]({png})
 
 ## Reproducibility
 
