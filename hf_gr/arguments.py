@@ -25,6 +25,7 @@ __all__ = ["GRArguments", "GRTrainingArguments"]
 GR_WARMUP_STRATEGIES = ("none", "lambda", "r", "zero")
 GR_METHODS = ("finite_difference", "exact")
 GR_FIRST_TERMS = ("raw", "normalized")
+GR_ASCENT_DIRECTIONS = ("batch", "previous_step")
 
 
 @dataclass
@@ -70,6 +71,11 @@ class GRArguments:
         gr_probability_end (`float`, *optional*):
             The end value of p: p ramps linearly from gr_probability at the first step with λ_t > 0 to this value at
             the last step of training (G-RST, arXiv 2203.09962); None keeps p constant.
+        gr_ascent_direction (`str`, defaults to "batch"):
+            batch: ε from this step's own g1 (two passes). previous_step: ε = r·D/‖D‖ with D the gradient the
+            optimizer applied at the last step, so a GR step takes one pass (AsyncSAM, arXiv 2503.11147); needs
+            α = 1 (gr_lambda = gr_r), gr_ascent_fraction 1, no gr_reuse and gr_method finite_difference. A GR step
+            without a D (the first, or after a skipped fp16 step) runs two passes.
     """
 
     gr_lambda: float = field(
@@ -149,6 +155,16 @@ class GRArguments:
         metadata={"help": "The end value of p: p ramps linearly from gr_probability at the first step with λ_t > 0 "
                   "to this value at the last step of training (G-RST, arXiv 2203.09962); None keeps p constant."},
     )  # fmt: skip
+    gr_ascent_direction: str = field(
+        default="batch",
+        metadata={
+            "help": "batch: ε from this step's own g1 (two passes). previous_step: ε = r·D/‖D‖ with D the gradient "
+            "the optimizer applied at the last step, so a GR step takes one pass (AsyncSAM, arXiv 2503.11147); needs "
+            "α = 1 (gr_lambda = gr_r), gr_ascent_fraction 1, no gr_reuse and gr_method finite_difference. A GR step "
+            "without a D (the first, or after a skipped fp16 step) runs two passes.",
+            "choices": list(GR_ASCENT_DIRECTIONS),
+        },
+    )  # fmt: skip
 
     def __new__(cls, *args: Any, **kwargs: Any) -> GRArguments:
         _check_is_a_dataclass(cls)
@@ -159,7 +175,7 @@ class GRArguments:
         if parent is not None:
             parent()
         validate_gr_arguments(self)
-        warn_if_alpha_extrapolates(self)
+        self.warn_if_alpha_extrapolates()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Validate the GR fields after whichever `__post_init__` a subclass resolves to (some bases do not call
@@ -172,10 +188,27 @@ class GRArguments:
         def __post_init__(self: Any) -> None:
             post_init(self)
             validate_gr_arguments(self)
-            warn_if_alpha_extrapolates(self)
+            self.warn_if_alpha_extrapolates()
 
         __post_init__._validates_gr = True  # type: ignore[attr-defined]
         cls.__post_init__ = __post_init__  # type: ignore[method-assign]
+
+    def warn_if_alpha_extrapolates(self, stacklevel: int = 4) -> None:
+        """Warn when α = λ/r > 2: the first term's weight 1 − α < −1 puts the step far beyond g2 (the paper: α ≤ 1).
+
+        Called when the arguments are built, and again by `GRMixin` when it takes them (λ or r may have been set
+        since): each α is warned about once per arguments object.
+        """
+        alpha = self.gr_lambda / self.gr_r
+        if alpha > 2 and self._warned_alpha != alpha:
+            self._warned_alpha = alpha
+            warnings.warn(
+                f"gr_lambda/gr_r = α = {alpha:.4g} > 2: the GR gradient (1 − α)·g1 + α·g2 weights g1 by 1 − α = "
+                f"{1 - alpha:.4g} < −1, which extrapolates far past g2 (the paper uses α ≤ 1; α = 1 is SAM). Check "
+                "gr_lambda and gr_r.",
+                UserWarning,
+                stacklevel=stacklevel,  # 4: the line that built the arguments (through __init__ and __post_init__)
+            )
 
     @property
     def gr_alpha(self) -> float:
@@ -183,6 +216,7 @@ class GRArguments:
         return self.gr_lambda / self.gr_r
 
 
+GRArguments._warned_alpha = None  # the α last warned about (not a field: set per instance when it warns)
 GRArguments.__post_init__._validates_gr = True  # type: ignore[attr-defined]
 
 
@@ -200,6 +234,7 @@ def validate_gr_arguments(args: Any) -> None:
     _check_choice("gr_warmup_strategy", args.gr_warmup_strategy, GR_WARMUP_STRATEGIES)
     _check_choice("gr_method", args.gr_method, GR_METHODS)
     _check_choice("gr_first_term", args.gr_first_term, GR_FIRST_TERMS)
+    _check_choice("gr_ascent_direction", getattr(args, "gr_ascent_direction", "batch"), GR_ASCENT_DIRECTIONS)
     if args.gr_warmup_steps is not None and (not _is_integer(args.gr_warmup_steps) or args.gr_warmup_steps < 0):
         raise ValueError(
             f"gr_warmup_steps must be an integer >= 0 or None (the LR warmup), got {args.gr_warmup_steps!r}."
@@ -215,6 +250,25 @@ def validate_gr_arguments(args: Any) -> None:
     if not _is_integer(args.gr_diagnostics_steps) or args.gr_diagnostics_steps < 0:
         raise ValueError(f"gr_diagnostics_steps must be an integer >= 0 (0 = off), got {args.gr_diagnostics_steps!r}.")
     _validate_cheaper_every_step(args)
+    _validate_previous_step(args)
+
+
+def _validate_previous_step(args: Any) -> None:
+    """Refuse what the one-pass step cannot do: it needs α = 1 and the whole batch's pass at θ + ε."""
+    if getattr(args, "gr_ascent_direction", "batch") != "previous_step":
+        return
+    why = "gr_ascent_direction='previous_step' takes one pass, at θ + r·D/‖D‖, and uses its gradient as the update"
+    if args.gr_lambda not in (0, args.gr_r):
+        raise ValueError(f"{why}: it needs α = 1 (gr_lambda == gr_r), got gr_lambda={args.gr_lambda}, "
+                         f"gr_r={args.gr_r}, because (1 − α)·g1 would need g1 at θ, a second pass.")  # fmt: skip
+    if args.gr_ascent_fraction < 1:
+        raise ValueError(f"{why}: gr_ascent_fraction={args.gr_ascent_fraction} < 1 has no pass 1 to shrink here; "
+                         "use gr_ascent_fraction=1.")  # fmt: skip
+    if args.gr_reuse:
+        raise ValueError(f"{why}: gr_reuse keeps g_GR − g1, which needs g1 at θ; use gr_reuse=False.")
+    if args.gr_method != "finite_difference":
+        raise ValueError(f"{why}: gr_method={args.gr_method!r} differentiates through ∇L at θ; use "
+                         "gr_method='finite_difference'.")  # fmt: skip
 
 
 def _validate_cheaper_every_step(args: Any) -> None:
@@ -244,24 +298,6 @@ def _validate_cheaper_every_step(args: Any) -> None:
             f"gr_ascent_fraction={f} < 1 cannot be combined with gr_reuse: LookSAM's kept correction is "
             "g_GR − g1 made orthogonal to g1, and a sub-batch g1 differs from the micro-batch's by its sampling "
             "noise and loss normalization, so the correction would measure those instead of the GR term."
-        )
-
-
-def warn_if_alpha_extrapolates(args: Any, stacklevel: int = 4) -> None:
-    """Warn when α = λ/r > 2: the first term's weight 1 − α < −1 puts the step far beyond g2 (the paper: α ≤ 1).
-
-    Called when the arguments are built and again when a trainer takes them (λ or r may have been set since):
-    each α is warned about once per arguments object.
-    """
-    alpha = args.gr_lambda / args.gr_r
-    if alpha > 2 and getattr(args, "_gr_warned_alpha", None) != alpha:
-        args._gr_warned_alpha = alpha
-        warnings.warn(
-            f"gr_lambda/gr_r = α = {alpha:.4g} > 2: the GR gradient (1 − α)·g1 + α·g2 weights g1 by 1 − α = "
-            f"{1 - alpha:.4g} < −1, which extrapolates far past g2 (the paper uses α ≤ 1; α = 1 is SAM). Check "
-            "gr_lambda and gr_r.",
-            UserWarning,
-            stacklevel=stacklevel,  # 4: the line that built the arguments (through __init__ and __post_init__)
         )
 
 

@@ -98,6 +98,8 @@ class GradientRegularizer:
             `accelerator.prepare` returned): the warmup's t is its step count.
         total_steps (`int`, *optional*): the run's optimizer steps T; needed with `gr_probability_end`, whose ramp
             ends at step T − 1.
+        optimizer (`torch.optim.Optimizer`, *optional*): the loop's optimizer (or the one `accelerator.prepare`
+            returned); needed with `gr_ascent_direction="previous_step"`, whose D is read by a hook on its `step`.
 
     `gr_ascent_fraction` < 1 (sub-batch ascent) needs pass 1 on part of the batch, which `loss_fn` cannot be
     asked for: the constructor refuses it; `GRTrainer` (any `GRMixin` trainer) slices the inputs itself.
@@ -121,9 +123,16 @@ class GradientRegularizer:
         gradient_accumulation_steps: int | None = None,
         lr_scheduler: Any = None,
         total_steps: int | None = None,
+        optimizer: Any = None,
     ) -> None:
         args = args if args is not None else GRArguments()
         _check_options(model, accelerator, args, seed, warmup_steps, gradient_accumulation_steps, total_steps)
+        if args.gr_ascent_direction == "previous_step" and optimizer is None:
+            raise ValueError(
+                "gr_ascent_direction='previous_step' steps along the gradient the optimizer applied last: pass "
+                "optimizer= (the loop's optimizer, or the one accelerator.prepare returned) so that it can be read "
+                "at each optimizer step."
+            )
         self._scheduler, self._per_step = _unwrap_scheduler(lr_scheduler, accelerator)  # refuses one it cannot count
         self._warmup_steps = _warmup_length(args, warmup_steps, self._scheduler, self._per_step)
         self._total_steps = total_steps
@@ -131,6 +140,8 @@ class GradientRegularizer:
         self._accumulation = gradient_accumulation_steps or 1
         self.planner = schedule.StepPlanner(args, int(seed if seed is not None else getattr(args, "seed", 0) or 0))
         self.passes = GRPasses(model, accelerator, args)
+        if args.gr_ascent_direction == "previous_step":
+            self.passes.previous.attach(optimizer, self.passes.trainable())
         self.metrics: Callable[[str, torch.Tensor], None] | None = None
         self._completed_steps = 0  # optimizer steps taken through `backward`
         self._warmup_count = 0  # of which the LR schedule took (those the fp16 scaler did not skip)
@@ -218,6 +229,8 @@ class GradientRegularizer:
             self._step_ended = False
             if not self._step_was_skipped():
                 self._warmup_count += 1
+            else:
+                self.passes.previous.forget()  # the fp16 scaler skipped the step: no D to step along
             self._step_plan = None
             self.passes.start_step()
 
@@ -225,7 +238,7 @@ class GradientRegularizer:
         """The step counters and the kept reuse direction (for `accelerator.register_for_checkpointing`)."""
         self._count_finished_step()
         return {"completed_steps": self._completed_steps, "warmup_step": self._warmup_count,
-                **self.passes.reuse.state_dict()}  # fmt: skip
+                **self.passes.state_dict()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
@@ -234,7 +247,7 @@ class GradientRegularizer:
         self._micro_batches = 0
         self._step_plan = None
         self._step_ended = False
-        self.passes.reuse.load_state_dict(state)
+        self.passes.load_state_dict(state)
 
 
 def _warmup_length(args: GRArguments, warmup_steps: int | None, scheduler: Any, per_step: int) -> int | None:

@@ -26,7 +26,7 @@ from ._internal import ascent, checkpoint, gradient, hub, metrics, record, sched
 from ._internal.metrics import GradientNormProbe, GRMetrics
 from ._internal.passes import GRPasses
 from ._internal.schedule import GR, REUSE, StepPlan, StepPlanner
-from .arguments import GRArguments, GRTrainingArguments, validate_gr_arguments, warn_if_alpha_extrapolates
+from .arguments import GRArguments, GRTrainingArguments, validate_gr_arguments
 from .diagnostics import GRDiagnosticsCallback
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class GRMixin:
                 "GRTrainingArguments, or combine them, e.g. `@dataclass class MyConfig(GRArguments, SFTConfig)`."
             )
         validate_gr_arguments(self.args)
-        warn_if_alpha_extrapolates(self.args, stacklevel=3)  # λ or r may have changed since the arguments were built
+        self.args.warn_if_alpha_extrapolates(stacklevel=3)  # λ or r may have changed since they were built
         setup.refuse_unsupported(self)
         self.gr_warmup = setup.bind_warmup_callback(self)
         warmup = self.gr_warmup.coefficients if self.gr_warmup is not None else None
@@ -209,6 +209,8 @@ class GRMixin:
         """At train start: say how GR runs, warn about W = 0, and record the settings (warning when a resume
         changed them)."""
         main = self.is_local_process_zero()
+        if self.args.gr_ascent_direction == "previous_step":  # D: the gradient each optimizer step applies
+            self.gr_passes.previous.attach(self.optimizer, [p for p in self.model.parameters() if p.requires_grad])
         if main:
             logger.info("GR: %s.", setup.mode(self))
         if main and self.gr_warmup is not None and self.gr_warmup_length() == 0:
@@ -244,7 +246,7 @@ class GRMixin:
         if isinstance(path, str):
             state = os.path.join(path, _gr_state_name(self.args.process_index, self.args.world_size))
             if os.path.isfile(state):
-                self.gr_passes.reuse.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
+                self.gr_passes.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
         self._gr_plan = None
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
@@ -261,13 +263,15 @@ class GRMixin:
         self.gr_metrics.add("gr_reuse_fraction", float(kind == REUSE))
         if kind == GR and self._gr_sharpness is not None:
             self.gr_metrics.add("gr_sharpness", self._gr_sharpness)
+        if getattr(self.accelerator, "optimizer_step_was_skipped", False):
+            self.gr_passes.previous.forget()  # the fp16 scaler skipped the step: no D to step along
         self._gr_plan = None
         self._gr_sharpness = None
 
     def _gr_save_state(self, folder: str) -> None:
-        if self.args.gr_reuse and os.path.isdir(folder):
+        if (self.args.gr_reuse or self.args.gr_ascent_direction == "previous_step") and os.path.isdir(folder):
             name = _gr_state_name(self.args.process_index, self.args.world_size)
-            torch.save(self.gr_passes.reuse.state_dict(), os.path.join(folder, name))
+            torch.save(self.gr_passes.state_dict(), os.path.join(folder, name))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """The stock loader, unless transformers' load-time key renaming bites (see `checkpoint`)."""

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from hf_gr import GradientRegularizer
-from hf_gr._internal import ascent, combine, gradient, metrics, record, replay, schedule
+from hf_gr._internal import ascent, combine, gradient, metrics, passes, previous, record, replay, schedule
 
 DEFAULT_R = 0.1  # GRArguments' default gr_r
 
@@ -37,6 +37,8 @@ MUTATIONS = {
     "every_backward_ends_a_step": "a custom loop's every backward ends an optimizer step, whatever the accumulation",
     "missing_gradient_not_zero": "a gradient missing from one pass is taken to equal the other pass's, not 0",
     "resume_changes_unseen": "a resume with changed GR settings is recorded as if nothing changed",
+    "previous_direction_stale": "one-pass SAM steps along the first D it captured, never the latest applied gradient",
+    "previous_direction_not_restored": "one-pass SAM leaves θ at θ + ε after its pass",
 }
 
 
@@ -130,6 +132,26 @@ def apply(name: str, patch: pytest.MonkeyPatch) -> Calls:
             return combine_(g1, g2, alpha, accumulated)
 
         patch.setattr(combine, "combine", calls.wrap(as_the_other))
+    elif name == "previous_direction_stale":
+        capture_ = previous.PreviousDirection.capture_
+
+        def first_only(self: Any, params: Any) -> None:
+            if not self.ready:
+                capture_(self, params)
+
+        patch.setattr(previous.PreviousDirection, "capture_", calls.wrap(first_only))
+    elif name == "previous_direction_not_restored":
+        restore_ = gradient.restore_
+        one_pass = passes.GRPasses._one_pass
+
+        def leaving_theta_perturbed(self: Any, run_pass: Any, plan: Any) -> Any:
+            patch.setattr(gradient, "restore_", lambda params, backup: None)
+            try:
+                return one_pass(self, run_pass, plan)
+            finally:
+                patch.setattr(gradient, "restore_", restore_)
+
+        patch.setattr(passes.GRPasses, "_one_pass", calls.wrap(leaving_theta_perturbed))
     elif name == "resume_changes_unseen":
         patch.setattr(record, "changes", calls.wrap(lambda old, new: []))
     else:

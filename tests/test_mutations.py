@@ -40,6 +40,11 @@ CAUGHT_BY = {
         "test_routing", "test_single_process_gr_counts_a_missing_gradient_as_zero",
         dict(accumulation=2, alpha=0.5, diagnostics=False),
     ),
+    "previous_direction_stale": (
+        "test_previous_step", "test_training_steps_along_the_previous_applied_gradient",
+        dict(accumulation=1, overrides={}, kinds=["gr"] * 4),
+    ),
+    "previous_direction_not_restored": ("test_previous_step", "test_custom_loop_reads_d_at_the_optimizer_step", {}),
     "resume_changes_unseen": (
         "test_silent_trainer", "test_resume_with_changed_settings_warns_and_records_each_range",
         dict(restore_callbacks=False),

@@ -29,14 +29,16 @@ Be Harmful?", ICML 2024):
 _SETTINGS = """- λ = {gr_lambda}, r = {gr_r} (α = λ/r = {alpha}), method: {gr_method}, first term: {gr_first_term}
 - GR warmup: {gr_warmup_strategy} over W = {gr_warmup_steps} optimizer steps
 - cheaper modes: interval k = {gr_interval}, probability p = {gr_probability} (ramped to {gr_probability_end} by the
-  last step; None: constant), reuse = {gr_reuse}, sub-batch ascent fraction f = {gr_ascent_fraction}
+  last step; None: constant), reuse = {gr_reuse}, sub-batch ascent fraction f = {gr_ascent_fraction}, ascent
+  direction: {gr_ascent_direction}
 """
 _RANGES = "- GR settings by range of optimizer steps (changed on resume; steps not listed were not recorded):\n"
 _RANGE = (
     "  - steps {first_step}–{last_step}: λ = {gr_lambda}, r = {gr_r} (α = {alpha}), method: {gr_method}, first term: "
     "{gr_first_term}, GR warmup: {gr_warmup_strategy} over W = {gr_warmup_steps}, interval k = {gr_interval}, "
     "probability p = {gr_probability} (ramped to {gr_probability_end}), reuse = {gr_reuse}, sub-batch ascent "
-    "fraction f = {gr_ascent_fraction}, synced perturbation = {gr_sync_perturbation}\n"
+    "fraction f = {gr_ascent_fraction}, ascent direction: {gr_ascent_direction}, synced perturbation = "
+    "{gr_sync_perturbation}\n"
 )
 _RUN = """- optimizer: {optimizer}, learning rate {learning_rate}, weight decay {weight_decay}, {max_steps} steps
 - dataset: {dataset}; base model: {base}
@@ -75,6 +77,7 @@ def gr_card_metadata(
         "gr_reuse": args.gr_reuse,
         "gr_ascent_fraction": args.gr_ascent_fraction,
         "gr_probability_end": args.gr_probability_end,
+        "gr_ascent_direction": args.gr_ascent_direction,
         "optimizer": optimizer_name(args),
         "learning_rate": getattr(args, "learning_rate", None),
         "weight_decay": getattr(args, "weight_decay", None),
@@ -105,7 +108,7 @@ def add_gr_to_model_card(path: str, metadata: dict[str, Any]) -> ModelCard:
         data.datasets = [metadata["dataset"]]
     ranges = metadata.get("gr_segments") or []
     if len(ranges) > 1 or (ranges and ranges[0]["first_step"] > 1):
-        older = {"gr_ascent_fraction": 1.0, "gr_probability_end": None}  # what a record from before them ran with
+        older = {"gr_ascent_fraction": 1.0, "gr_probability_end": None, "gr_ascent_direction": "batch"}  # before them
         settings = _RANGES + "".join(_RANGE.format(alpha=f"{r['gr_lambda'] / r['gr_r']:.4g}", **{**older, **r})
                                      for r in ranges)  # fmt: skip
     else:

@@ -26,6 +26,7 @@ from torch import nn
 
 from . import gradient, replay, sync
 from .combine import HookCombination, combine_shards
+from .previous import PreviousDirection
 from .reuse import ReuseState
 from .schedule import GR, REUSE, StepPlan
 
@@ -45,6 +46,7 @@ class GRPasses:
     def __init__(self, model: nn.Module, accelerator: Any, args: Any) -> None:
         self.model, self.accelerator, self.args = model, accelerator, args
         self.reuse = ReuseState()  # LookSAM's kept direction (checkpointed)
+        self.previous = PreviousDirection()  # D, the last applied gradient (`gr_ascent_direction="previous_step"`)
         self._degenerate: torch.Tensor | None = None  # GR micro-batches without a direction (on the device)
         self._gr_micro_batches = 0
 
@@ -76,6 +78,8 @@ class GRPasses:
             record: where a diagnostics step records ‖g1‖, ‖g2‖ and cos(g1, g2) (device tensors).
             scale: divides raw norms into one batch's (the loss scale over the accumulation steps).
         """
+        if plan.kind == GR and self.one_pass(plan):
+            return self._one_pass(run_pass, plan)
         if plan.kind == GR:
             return self._gr_micro_batch(run_pass, plan, last_micro_batch, ascent_pass, record, scale)
         loss = run_pass()
@@ -83,6 +87,33 @@ class GRPasses:
             trainable = self.trainable()
             self.reuse.apply_(trainable, self.sum_over_ranks if sync.is_sharded(trainable) else None)
         return loss
+
+    def one_pass(self, plan: StepPlan) -> bool:
+        """Whether a GR step planned as `plan` takes one pass along D (`previous_step`, α_t = 1, a D to use)."""
+        return self.args.gr_ascent_direction == "previous_step" and plan.alpha == 1.0 and self.previous.ready
+
+    def _one_pass(self, run_pass: Callable[[], torch.Tensor], plan: StepPlan) -> torch.Tensor:
+        """θ ← θ + r·D/‖D‖, one forward-backward (its gradient accumulates into `.grad` as a plain step's does),
+        θ restored bit for bit."""
+        trainable = self.trainable()
+        views, divisor = self.previous.direction(trainable, self.sum_over_ranks)
+        local_params = sync.local_shards(trainable)
+        views = [v if v.dtype == p.dtype else v.to(p.dtype) for v, p in zip(views, local_params)]
+        backup = gradient.snapshot(local_params)
+        try:
+            gradient.perturb_(local_params, views, plan.gr_r, divisor)
+            return run_pass()
+        finally:
+            gradient.restore_(local_params, backup)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: LookSAM's u and ρ, and D."""
+        return {**self.reuse.state_dict(), **self.previous.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        self.reuse.load_state_dict(state)
+        self.previous.load_state_dict(state)
 
     def _gr_micro_batch(self, run_pass: Callable[[], torch.Tensor], plan: StepPlan, last: bool,
                         ascent_pass: Callable[[], torch.Tensor] | None, record: Record | None,

@@ -28,6 +28,7 @@ SETTINGS = (
     "gr_sync_perturbation",
     "gr_ascent_fraction",
     "gr_probability_end",
+    "gr_ascent_direction",
 )
 
 

@@ -1,0 +1,149 @@
+"""One-pass SAM (`gr_ascent_direction="previous_step"`): ε = r·D/‖D‖ with D the gradient the optimizer applied at
+the last step, against a float64 SGD (lr 1) simulation written here from that definition."""
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from hf_gr import GradientRegularizer, GRArguments
+
+from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, make_args, max_rel_err, params_of
+
+BATCH, R = 8, 0.1
+
+
+def _grad(net, params: dict, batch: dict) -> list[torch.Tensor]:
+    """∇L at `params` in float64 (`net`, a float64 TinyNet, only gives the function)."""
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+    out = functional_call(net, leaves, args=(), kwargs={"x": batch["x"].double()})
+    loss = torch.nn.functional.cross_entropy(out["logits"], batch["labels"])
+    return list(torch.autograd.grad(loss, list(leaves.values())))
+
+
+def _along(params: dict, direction: list[torch.Tensor]) -> dict:
+    norm = torch.sqrt(sum((d**2).sum() for d in direction))
+    return {n: p + R / norm * d for (n, p), d in zip(params.items(), direction)}
+
+
+def reference(data, kinds: list[str], accumulation: int = 1) -> tuple[list[torch.Tensor], list[int]]:
+    """SGD at lr 1 in float64: a GR step steps along D, the previous step's applied gradient (two passes, along its
+    own g1, when there is no D yet); a plain step takes g. D ← the applied gradient after every step.
+    Returns the final parameters and the forward passes each step took."""
+    model = TinyNet().double()  # the trainer's initial weights, in float64
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    previous, passes = None, []
+    for step, kind in enumerate(kinds):
+        update, forwards = None, 0
+        for j in range(accumulation):
+            batch = data.batch((step * accumulation + j) * BATCH, BATCH)
+            if kind == "plain":
+                g, forwards = _grad(model, params, batch), forwards + 1
+            elif previous is None:  # no D: this micro-batch's own g1 gives the direction
+                g, forwards = _grad(model, _along(params, _grad(model, params, batch)), batch), forwards + 2
+            else:
+                g, forwards = _grad(model, _along(params, previous), batch), forwards + 1
+            g = [x / accumulation for x in g]
+            update = g if update is None else [a + b for a, b in zip(update, g)]
+        params = {n: p - u for (n, p), u in zip(params.items(), update)}
+        previous = update
+        passes.append(forwards)
+    return list(params.values()), passes
+
+
+def _args(tmp_path, **overrides):
+    defaults = dict(max_steps=4, per_device_train_batch_size=BATCH, optim="sgd", learning_rate=1.0,
+                    lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, gr_lambda=R,
+                    gr_r=R, gr_ascent_direction="previous_step")  # fmt: skip
+    defaults.update(overrides)
+    return make_args(tmp_path, **defaults)
+
+
+class _Counting(SequentialGRTrainer):
+    """Counts the forward passes of each optimizer step (`counted`)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        before = model.forward_calls
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.step_forwards = getattr(self, "step_forwards", 0) + model.forward_calls - before
+        if self.accelerator.sync_gradients:
+            self.counted.append(self.step_forwards)
+            self.step_forwards = 0
+        return loss
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize(
+    "overrides, kinds",
+    [({}, ["gr"] * 4),
+     ({"gr_warmup_strategy": "zero", "gr_warmup_steps": 2}, ["plain", "plain", "gr", "gr"]),
+     ({"gr_interval": 2}, ["gr", "plain", "gr", "plain"])],
+    ids=["every-step", "zero-warmup", "interval-2"],
+)  # fmt: skip
+def test_training_steps_along_the_previous_applied_gradient(tmp_path, accumulation, overrides, kinds):
+    model, data = TinyNet(), DictDataset(96)
+    args = _args(tmp_path, gradient_accumulation_steps=accumulation, **overrides)
+    trainer = _Counting(model=model, args=args, train_dataset=data)
+    trainer.counted = []
+    trainer.train()
+    want, passes = reference(data, kinds, accumulation)
+    assert trainer.counted == passes  # one pass per micro-batch once a D exists; two only before it
+    assert max_rel_err(params_of(model), [w.float() for w in want]) < 1e-5
+
+
+def test_one_pass_sam_is_not_batch_sam(tmp_path):
+    """The check above could not tell the two modes apart if D were the batch's own g1: the updates differ."""
+    model, data = TinyNet(), DictDataset(96)
+    trainer = SequentialGRTrainer(model=model, args=_args(tmp_path, gr_ascent_direction="batch"), train_dataset=data)
+    trainer.train()
+    want, _ = reference(data, ["gr"] * 4)
+    assert max_rel_err(params_of(model), [w.float() for w in want]) > 1e-3
+
+
+def test_custom_loop_reads_d_at_the_optimizer_step():
+    model, data = TinyNet(), DictDataset(96)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    args = GRArguments(gr_lambda=R, gr_r=R, gr_warmup_strategy="none", gr_ascent_direction="previous_step")
+    regularizer = GradientRegularizer(model, args=args, gradient_accumulation_steps=2, optimizer=optimizer)
+    forwards = []
+    for step in range(3):
+        before = model.forward_calls
+        for j in range(2):
+            batch = data.batch((2 * step + j) * BATCH, BATCH)
+            regularizer.backward(lambda batch=batch: model(**batch)["loss"] / 2)
+        optimizer.step()
+        optimizer.zero_grad()
+        forwards.append(model.forward_calls - before)
+    want, passes = reference(data, ["gr"] * 3, accumulation=2)
+    assert forwards == passes == [4, 2, 2]
+    assert max_rel_err(params_of(model), [w.float() for w in want]) < 1e-5
+
+
+def test_resume_is_bit_identical(tmp_path):
+    data = DictDataset(96)
+    straight = TinyNet()
+    SequentialGRTrainer(model=straight, args=_args(tmp_path / "a"), train_dataset=data).train()
+    first = TinyNet()
+    args = _args(tmp_path / "b", max_steps=2, save_strategy="steps", save_steps=2)
+    SequentialGRTrainer(model=first, args=args, train_dataset=data).train()
+    resumed = TinyNet()
+    args = _args(tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2)
+    trainer = SequentialGRTrainer(model=resumed, args=args, train_dataset=data)
+    trainer.train(resume_from_checkpoint=True)
+    assert all(torch.equal(a, b) for a, b in zip(params_of(resumed), params_of(straight)))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [(dict(gr_lambda=0.05), "needs α = 1"), (dict(gr_ascent_fraction=0.5), "gr_ascent_fraction=0.5 < 1"),
+     (dict(gr_reuse=True, gr_interval=2), "gr_reuse"), (dict(gr_method="exact"), "gr_method='exact'"),
+     (dict(gr_ascent_direction="sideways"), "gr_ascent_direction must be one of batch, previous_step")],
+)  # fmt: skip
+def test_what_one_pass_cannot_do_is_refused(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _args(tmp_path, **overrides)
+
+
+def test_a_custom_loop_without_its_optimizer_is_refused():
+    args = GRArguments(gr_lambda=R, gr_r=R, gr_warmup_strategy="none", gr_ascent_direction="previous_step")
+    with pytest.raises(ValueError, match="pass optimizer="):
+        GradientRegularizer(TinyNet(), args=args)
