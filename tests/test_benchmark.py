@@ -36,8 +36,11 @@ REQUIRED_KEYS = (
     "extra_bytes_over_param_bytes_a05",
     "extra_bytes_over_param_bytes_ga",
     "extra_bytes_over_param_bytes_reuse",
+    "gr_previous_over_plain",
+    "gr_previous_over_peer_sam",
+    "extra_bytes_over_param_bytes_previous",
 )
-MEMORY_CONFIGS = ("plain", "gr_a0.5", "gr_a1", "plain_ga2", "gr_ga2", "gr_reuse4")
+MEMORY_CONFIGS = ("plain", "gr_a0.5", "gr_a1", "plain_ga2", "gr_ga2", "gr_reuse4", "gr_previous")
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +70,11 @@ def test_steps_follow_the_plan_of_each_optimizer_step(results) -> None:
     assert results["gr_interval4_gr_fraction"] == results["gr_reuse4_gr_fraction"] == 0.25
     assert results["gr_a1_gr_fraction"] == results["exact_gr_fraction"] == 1.0
     assert results["zero_gr_fraction"] == results["plain_gr_fraction"] == 0.0
-    assert results["gr_ascent25_gr_fraction"] == 1.0
+    assert results["gr_ascent25_gr_fraction"] == results["gr_previous_gr_fraction"] == 1.0
     assert results["gr_ascent25_p05_gr_fraction"] == results["gr_p05_gr_fraction"]  # the same draws
     # The timed parent step is one pass: two per GR micro-batch, one otherwise.
     passes = {"plain": 1, "gr_a1": 2, "zero": 1, "exact": 1, "peer_sam": 2, "gr_ga2": 4, "gr_interval4": 1.25,
-              "gr_ascent25": 2}  # fmt: skip
+              "gr_ascent25": 2, "gr_previous": 1}  # fmt: skip  # one-pass SAM: one pass once a D exists
     for name, count in passes.items():
         assert results[f"{name}_passes_per_step"] == count, name
     assert results["gr_p05_passes_per_step"] == 1 + results["gr_p05_gr_fraction"]
@@ -85,6 +88,8 @@ def test_memory_counts_the_buffers_gr_holds(results) -> None:
     assert results["extra_bytes_over_param_bytes_ga"] >= 1.99
     assert results["extra_bytes_over_param_bytes_reuse"] >= 1.99
     assert results["gr_reuse4_memory_gr_steps"] >= 1
+    # one-pass SAM: D (one float32 parameter-sized buffer) beside the θ copy
+    assert 1.99 <= results["extra_bytes_over_param_bytes_previous"] < 2.5
 
 
 def test_nothing_is_patched() -> None:

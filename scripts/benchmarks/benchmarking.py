@@ -89,6 +89,7 @@ class Config:
     probability: float = 1.0
     reuse: bool = False
     ascent_fraction: float = 1.0
+    direction: str = "batch"
 
     @property
     def baseline(self) -> str:
@@ -113,6 +114,8 @@ CONFIGS: Mapping[str, Config] = MappingProxyType(
         # sub-batch ascent (m-sharpness): pass 1 on a quarter of the batch, alone and with p = 0.5
         "gr_ascent25": Config("gr", gr_lambda=GR_R, ascent_fraction=0.25),
         "gr_ascent25_p05": Config("gr", gr_lambda=GR_R, ascent_fraction=0.25, probability=0.5),
+        # one-pass SAM: the direction from the previous step's applied gradient (after the first step, one pass)
+        "gr_previous": Config("gr", gr_lambda=GR_R, direction="previous_step"),
     }
 )
 
@@ -311,6 +314,7 @@ def _training_arguments(config: Config, spec: ModelSpec, output_dir: str) -> Tra
         gr_probability=config.probability,
         gr_reuse=config.reuse,
         gr_ascent_fraction=config.ascent_fraction,
+        gr_ascent_direction=config.direction,
     )
 
 
@@ -328,6 +332,8 @@ class TrainerStepRunner(StepRunner):
         self.model, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
         trainer.model_wrapped = self.model
         trainer.state.max_steps = args.max_steps
+        if isinstance(trainer, GRMixin):  # what `train()` does first: GR binds to the optimizer (one-pass SAM's D)
+            trainer.control = trainer.callback_handler.on_train_begin(args, trainer.state, trainer.control)
         batches = make_batches(spec, config.accumulation, seed)
         self.batches, self.num_items_in_batch = trainer.get_batch_samples(iter(batches), len(batches), args.device)
 
@@ -519,11 +525,13 @@ RATIOS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "gr_ascent25_over_peer_sam": ("gr_ascent25", "peer_sam"),
         "gr_ascent25_over_gr_a1": ("gr_ascent25", "gr_a1"),  # what the sub-batch saves on a GR step
         "gr_ascent25_p05_over_plain": ("gr_ascent25_p05", "plain"),
+        "gr_previous_over_plain": ("gr_previous", "plain"),
+        "gr_previous_over_peer_sam": ("gr_previous", "peer_sam"),
     }
 )
 # the headline memory keys: extra_bytes_over_param_bytes{suffix} is the configuration's, against its baseline
 MEMORY_KEYS: Mapping[str, str] = MappingProxyType(
-    {"": "gr_a1", "_a05": "gr_a0.5", "_ga": "gr_ga2", "_reuse": "gr_reuse4"}
+    {"": "gr_a1", "_a05": "gr_a0.5", "_ga": "gr_ga2", "_reuse": "gr_reuse4", "_previous": "gr_previous"}
 )
 # measurement suffix: pass starts (the headline: what the activations build on), every probe point, peak RSS
 MEMORY_MEASURES: Mapping[str, str] = MappingProxyType(
