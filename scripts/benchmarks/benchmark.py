@@ -54,6 +54,9 @@ TARGETS: Mapping[str, tuple[float, str]] = MappingProxyType(
         "extra_bytes_over_param_bytes": (1.05, "floor 1.0: θ copy"),
         "extra_bytes_over_param_bytes_ga": (2.05, "floor 2.0"),
         "extra_bytes_over_param_bytes_reuse": (2.05, "floor 2.0: θ copy, u"),
+        "gr_previous_over_plain": (1.08, "floor 1.0"),
+        "gr_previous_over_peer_sam": (0.55, "peer"),
+        "extra_bytes_over_param_bytes_previous": (2.05, "floor 2.0: θ copy, D"),
     }
 )
 RATIO_ROWS = (
@@ -77,6 +80,8 @@ RATIO_ROWS = (
     "gr_ascent25_over_gr_a1",
     "gr_ascent25_p05_over_plain",
     "gr_ascent25_p05_over_plain_at_p",
+    "gr_previous_over_plain",
+    "gr_previous_over_peer_sam",
 )
 MEMORY_ROWS: Mapping[str, str] = MappingProxyType(
     {  # key: what GR holds beyond the plain step
@@ -84,6 +89,7 @@ MEMORY_ROWS: Mapping[str, str] = MappingProxyType(
         "extra_bytes_over_param_bytes_a05": "α = 0.5: θ copy, g1",
         "extra_bytes_over_param_bytes_ga": "α = 0.5, accumulation 2: θ copy, g1",
         "extra_bytes_over_param_bytes_reuse": "α = 1, reuse: θ copy, u",
+        "extra_bytes_over_param_bytes_previous": "α = 1, previous_step: θ copy, D",
     }
 )
 
