@@ -28,6 +28,7 @@ SLOW_FIXTURES = {
     "test_fsdp2.py": {"fsdp_results"},
     "test_gpu_check.py": {"dry_run"},
     "test_plain_loop.py": {"distributed_results"},
+    "test_previous_step.py": {"distributed_results"},
     "test_routing.py": {"routed"},
 }
 

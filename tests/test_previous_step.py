@@ -1,13 +1,15 @@
 """One-pass SAM (`gr_ascent_direction="previous_step"`): ε = r·D/‖D‖ with D the gradient the optimizer applied at
 the last step, against a float64 SGD (lr 1) simulation written here from that definition."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.func import functional_call
 
 from hf_gr import GradientRegularizer, GRArguments
 
-from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, make_args, max_rel_err, params_of
+from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, make_args, max_rel_err, params_of, run_torchrun
 
 BATCH, R = 8, 0.1
 
@@ -147,3 +149,27 @@ def test_a_custom_loop_without_its_optimizer_is_refused():
     args = GRArguments(gr_lambda=R, gr_r=R, gr_warmup_strategy="none", gr_ascent_direction="previous_step")
     with pytest.raises(ValueError, match="pass optimizer="):
         GradientRegularizer(TinyNet(), args=args)
+
+
+# ---- two processes (torchrun, gloo) ----
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("previous_step") / "results.pt"
+    return run_torchrun(Path(__file__).parent / "distributed" / "previous_step_runs.py", out)
+
+
+@pytest.mark.parametrize("setting", ["ddp", "fsdp2"])
+def test_distributed_one_pass_sam_equals_the_single_process_reference(distributed_results, setting):
+    """The replicas' D is the all-reduced applied gradient: every rank perturbs alike, and the run equals one process
+    on both replicas' rows (step 0 plain, then one pass per micro-batch)."""
+    run = distributed_results[setting]
+    want, passes = reference(DictDataset(96), ["plain", "gr", "gr", "gr"], accumulation=2)
+    assert run["forwards"] == passes == [2, 2, 2, 2]
+    assert run["same_d"] is (True if setting == "ddp" else None)  # DDP: every replica perturbs alike
+    assert max_rel_err(run["params"], [w.float() for w in want]) < 1e-5
+
+
+def test_ddp_one_pass_sam_all_reduces_once_per_step(distributed_results):
+    assert distributed_results["ddp"]["all_reduces"] == [1, 1, 1, 1]
