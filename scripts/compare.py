@@ -358,8 +358,7 @@ def record(
         "train_loss_last10": statistics.fmean(tail) if tail else None,
         "steps": steps,
         "gr_step_fraction": share,
-        # a GR step: pass 2 on the whole batch, pass 1 on a fraction f of it (gr_ascent_fraction; 1 by default)
-        "forward_backward_passes": round(steps * accumulation * (1 + share * ascent_fraction(meta["args"]))),
+        "forward_backward_passes": passes(meta["args"], steps, accumulation, share),
         "wall_s": meta["wall_s"],
         "train_runtime": results.get("train_runtime"),
         "model_sha256": weights_digest(path) if (path / "model.safetensors").is_file() else None,
@@ -377,6 +376,17 @@ def gr_step_share(log: list[dict[str, Any]]) -> float:
         total += span * entry["gr_step_fraction"]
         previous, steps = entry["step"], steps + span
     return total / steps if steps else 0.0
+
+
+def passes(args: dict[str, Any], steps: int, accumulation: int, share: float) -> int:
+    """Forward-backward passes over whole micro-batches: one per plain step; a GR step adds its pass 1 on a fraction
+    f of the batch (`gr_ascent_fraction`, 1 by default), or, with `gr_ascent_direction: previous_step`, nothing
+    once a D exists (one pass more for a first GR step without one, when GR runs from the first step; the two-pass
+    steps a λ-warmup's α_t < 1 takes are not counted)."""
+    if args.get("gr_ascent_direction") == "previous_step":
+        first = accumulation if share > 0 and args.get("gr_warmup_strategy", "zero") == "none" else 0
+        return steps * accumulation + first
+    return round(steps * accumulation * (1 + share * ascent_fraction(args)))
 
 
 def ascent_fraction(args: dict[str, Any]) -> float:

@@ -296,3 +296,11 @@ def test_the_report_warns_of_few_seeds_and_gives_the_pre_registered_tests(study)
         assert float(cells[5]) == pytest.approx(p, rel=1e-2)
         assert float(cells[6]) == pytest.approx(min(1.0, 2 * p), rel=1e-2)
         assert float(cells[7]) == pytest.approx(min(1.0, 2 * flip_p), rel=1e-2)
+
+
+def test_one_pass_sam_counts_one_pass_per_step_and_one_more_for_its_first():
+    previous = {"gr_ascent_direction": "previous_step", "gr_warmup_strategy": "none"}
+    assert compare.passes(previous, 10, 2, 1.0) == 10 * 2 + 2  # the first GR step, without a D, takes two
+    assert compare.passes({**previous, "gr_warmup_strategy": "zero"}, 10, 2, 0.8) == 20  # D from the plain steps
+    assert compare.passes({}, 10, 2, 0.5) == round(10 * 2 * 1.5)
+    assert compare.passes({"gr_ascent_fraction": 0.25}, 8, 1, 1.0) == 10
