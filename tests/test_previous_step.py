@@ -27,7 +27,7 @@ def _along(params: dict, direction: list[torch.Tensor]) -> dict:
     return {n: p + R / norm * d for (n, p), d in zip(params.items(), direction)}
 
 
-def reference(data, kinds: list[str], accumulation: int = 1) -> tuple[list[torch.Tensor], list[int]]:
+def reference(data, kinds: list[str], accumulation: int = 1, trail: list | None = None):
     """SGD at lr 1 in float64: a GR step steps along D, the previous step's applied gradient (two passes, along its
     own g1, when there is no D yet); a plain step takes g. D ← the applied gradient after every step.
     Returns the final parameters and the forward passes each step took."""
@@ -48,6 +48,8 @@ def reference(data, kinds: list[str], accumulation: int = 1) -> tuple[list[torch
             update = g if update is None else [a + b for a, b in zip(update, g)]
         params = {n: p - u for (n, p), u in zip(params.items(), update)}
         previous = update
+        if trail is not None:
+            trail.append(dict(params))
         passes.append(forwards)
     return list(params.values()), passes
 
@@ -90,6 +92,23 @@ def test_training_steps_along_the_previous_applied_gradient(tmp_path, accumulati
     want, passes = reference(data, kinds, accumulation)
     assert trainer.counted == passes  # one pass per micro-batch once a D exists; two only before it
     assert max_rel_err(params_of(model), [w.float() for w in want]) < 1e-5
+
+
+def test_evaluation_between_steps_sees_theta_not_the_perturbed_point(tmp_path):
+    """Evaluated after every step, the model is at θ: its eval loss is the float64 reference's at θ."""
+    model, data, held_out = TinyNet(), DictDataset(96), DictDataset(32, seed=1)
+    args = _args(tmp_path, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=32)
+    trainer = SequentialGRTrainer(model=model, args=args, train_dataset=data, eval_dataset=held_out)
+    trainer.train()
+    trail = []
+    reference(data, ["gr"] * 4, trail=trail)
+    net = TinyNet().double()
+    batch = held_out.batch(0, 32)
+    want = [float(torch.nn.functional.cross_entropy(
+        functional_call(net, params, args=(), kwargs={"x": batch["x"].double()})["logits"], batch["labels"]))
+        for params in trail]  # fmt: skip
+    got = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_one_pass_sam_is_not_batch_sam(tmp_path):
