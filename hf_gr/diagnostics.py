@@ -107,7 +107,7 @@ def adaptive_lr_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 def update_size(params: list[torch.Tensor], before: list[torch.Tensor], lr: float) -> torch.Tensor:
     """‖θ − θ_before‖ / lr over the parameters (their local shards, summed over ranks under FSDP2), on the device."""
-    steps = torch._foreach_sub(sync.local_shards(params), before)
+    steps = torch._foreach_sub([p.detach() for p in sync.local_shards(params)], before)
     squared = gradient.squared_norm(steps)
     if sync.is_sharded(params):
         squared = sync.all_reduce_sum(squared, sync.world_size())
