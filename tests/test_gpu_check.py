@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +171,13 @@ def test_compile_worker_runs_with_the_eager_backend(tmp_path):
     result = json.loads(out.read_text())
     assert result["status"] == "ok", result
     assert result["modes"]["gr"]["gr_step_fraction"] == 1.0 and result["modes"]["plain"]["images_per_s"] > 0
+
+
+def test_the_pages_claim_no_gpu_result_that_was_not_measured():
+    """Until the check has run on a GPU, its page and the README say so, and give no duration as a measurement."""
+    root = Path(__file__).resolve().parents[1]
+    page = " ".join((root / "docs" / "gpu-check.md").read_text(encoding="utf-8").split())
+    readme = " ".join((root / "README.md").read_text(encoding="utf-8").split())
+    if "Not yet run on a GPU" in page:
+        assert "It takes about" not in page and "an estimate, not a measurement" in page
+        assert "On a GPU: not yet run." in readme
