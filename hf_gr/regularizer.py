@@ -229,8 +229,6 @@ class GradientRegularizer:
             self._step_ended = False
             if not self._step_was_skipped():
                 self._warmup_count += 1
-            else:
-                self.passes.previous.forget()  # the fp16 scaler skipped the step: no D to step along
             self._step_plan = None
             self.passes.start_step()
 

@@ -263,8 +263,6 @@ class GRMixin:
         self.gr_metrics.add("gr_reuse_fraction", float(kind == REUSE))
         if kind == GR and self._gr_sharpness is not None:
             self.gr_metrics.add("gr_sharpness", self._gr_sharpness)
-        if getattr(self.accelerator, "optimizer_step_was_skipped", False):
-            self.gr_passes.previous.forget()  # the fp16 scaler skipped the step: no D to step along
         self._gr_plan = None
         self._gr_sharpness = None
 

@@ -192,3 +192,24 @@ def test_distributed_one_pass_sam_equals_the_single_process_reference(distribute
 
 def test_ddp_one_pass_sam_all_reduces_once_per_step(distributed_results):
     assert distributed_results["ddp"]["all_reduces"] == [1, 1, 1, 1]
+
+
+def test_after_a_step_the_fp16_scaler_skipped_a_gr_step_takes_two_passes():
+    """A plain PyTorch loop with a GradScaler: step 1's loss is infinite, the scaler skips the optimizer's step, so no
+    D comes from it and step 2 runs two passes; step 3 steps along step 2's gradient again."""
+    model, data = TinyNet(), DictDataset(96)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    args = GRArguments(gr_lambda=R, gr_r=R, gr_warmup_strategy="none", gr_ascent_direction="previous_step")
+    regularizer = GradientRegularizer(model, args=args, optimizer=optimizer)
+    forwards = []
+    for step in range(4):
+        batch, before = data.batch(step * BATCH, BATCH), model.forward_calls
+        factor = float("inf") if step == 1 else 1.0
+        regularizer.backward(lambda batch=batch, factor=factor: scaler.scale(model(**batch)["loss"] * factor))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        forwards.append(model.forward_calls - before)
+    assert scaler.get_scale() == 512.0  # one step skipped
+    assert forwards == [2, 1, 2, 1]

@@ -53,6 +53,7 @@ class GRPasses:
     def start_step(self) -> None:
         """Mark the start of an optimizer step (its first micro-batch comes next)."""
         self.reuse.collecting = False
+        self.previous.step_started()
 
     def trainable(self) -> list[torch.Tensor]:
         """The parameters that require a gradient, in `model.parameters()` order."""

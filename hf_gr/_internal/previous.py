@@ -5,8 +5,9 @@ micro-batches, all-reduced under DDP (a shard under FSDP2), unscaled under fp16.
 one forward-backward at θ + r·D/‖D‖, whose gradient is the update (AsyncSAM, arXiv 2503.11147, perturbs along a
 stale gradient the same way). Clipping and loss scaling change D's length, not its direction.
 
-D is captured by a hook on the optimizer's `step` (it runs only when the optimizer really steps: the fp16 scaler's
-skipped steps leave it unset), and kept in one flat buffer of the parameters' size, in float32 or wider.
+D is captured by a hook on the optimizer's `step`, which runs only when the optimizer really steps: after a step the
+fp16 scaler skipped there is no D (`step_started`). It is kept in one flat buffer of the parameters' size, in
+float32 or wider.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class PreviousDirection:
         self.flat: torch.Tensor | None = None
         self.view_of: dict[int, torch.Tensor] = {}
         self.ready = False
+        self.fresh = False  # captured at the optimizer step that just ended
         self._divisor: tuple[torch.Tensor, torch.Tensor] | None = None  # (‖D‖ or 1, whether D has a direction)
         self._loaded: torch.Tensor | None = None
         self._handle: Any = None
@@ -61,11 +63,14 @@ class PreviousDirection:
                     view.zero_()
                 else:
                     view.copy_(sync.local_shards([p.grad])[0])
-        self.ready, self._divisor = True, None
+        self.ready, self.fresh, self._divisor = True, True, None
 
-    def forget(self) -> None:
-        """No D (a step the fp16 scaler skipped): the next GR step runs two passes."""
-        self.ready, self._divisor = False, None
+    def step_started(self) -> None:
+        """A new optimizer step begins: D counts only if the step that just ended set it (the fp16 scaler's skipped
+        steps never reach the optimizer's `step`, so after one the next GR step runs two passes)."""
+        if not self.fresh:
+            self.ready, self._divisor = False, None
+        self.fresh = False
 
     def direction(self, params: list[torch.Tensor], sum_over_ranks: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
         """D's views for `params` and ‖D‖ (1 where D has no direction, so that θ stays put), on the device; ‖D‖ is
@@ -88,4 +93,4 @@ class PreviousDirection:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned (installed once the parameters are known)."""
         if "gr_previous_direction" in state:
-            self._loaded, self.flat, self.ready = state["gr_previous_direction"], None, True
+            self._loaded, self.flat, self.ready, self.fresh = state["gr_previous_direction"], None, True, True
