@@ -227,6 +227,7 @@ class GradientRegularizer:
         """Once the optimizer has stepped: count the step on the LR schedule too, unless the fp16 scaler skipped it."""
         if self._step_ended:
             self._step_ended = False
+            self.passes.end_step()
             if not self._step_was_skipped():
                 self._warmup_count += 1
             self._step_plan = None

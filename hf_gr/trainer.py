@@ -258,6 +258,7 @@ class GRMixin:
 
     def _gr_end_step(self) -> None:
         """Record what the step was (GR, reuse) and its sharpness."""
+        self.gr_passes.end_step()
         kind = self._gr_last_plan.kind
         self.gr_metrics.add("gr_step_fraction", float(kind == GR))
         self.gr_metrics.add("gr_reuse_fraction", float(kind == REUSE))
@@ -355,7 +356,7 @@ _NO_COMPUTE_LOSS = (
 def _uncounted_pass(trainer: Any) -> Iterator[None]:
     """What the parent records per `compute_loss` call (TRL's `_metrics`, token counts) during this pass is
     dropped, so that each micro-batch counts once."""
-    metrics = getattr(trainer, "_metrics", None)
+    metrics = getattr(trainer, "_metrics", None)  # TRL's per-mode metrics, where the trainer keeps them
     saved_metrics = None
     if isinstance(metrics, dict):
         saved_metrics = {mode: {k: list(v) for k, v in values.items()} for mode, values in metrics.items()
@@ -369,7 +370,7 @@ def _uncounted_pass(trainer: Any) -> Iterator[None]:
                 metrics[mode].clear()
                 metrics[mode].update(values)
         if tokens is not None:
-            setattr(trainer, "_total_train_tokens", tokens)  # the Trainer's own count  # noqa: B010
+            trainer._total_train_tokens = tokens  # the Trainer's own count
 
 
 def _check_mixin_comes_first(cls: type) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch.func import functional_call
 
 from hf_gr import GradientRegularizer, GRArguments
+from hf_gr._internal import previous
 
 from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, make_args, max_rel_err, params_of, run_torchrun
 
@@ -213,3 +214,60 @@ def test_after_a_step_the_fp16_scaler_skipped_a_gr_step_takes_two_passes():
         forwards.append(model.forward_calls - before)
     assert scaler.get_scale() == 512.0  # one step skipped
     assert forwards == [2, 1, 2, 1]
+
+
+def _inf_at_step_1(optimizer, steps: int = 4, save_after: int | None = None):
+    """A loop with a GradScaler whose step 1 overflows; forwards per step, and the regularizer's state after
+    `save_after` (what a checkpoint would hold)."""
+    model, data = TinyNet(), DictDataset(96)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    args = GRArguments(gr_lambda=R, gr_r=R, gr_warmup_strategy="none", gr_ascent_direction="previous_step")
+    opt = optimizer(model)
+    regularizer = GradientRegularizer(model, args=args, optimizer=opt)
+    forwards, saved = [], None
+    for step in range(steps):
+        batch, before = data.batch(step * BATCH, BATCH), model.forward_calls
+        factor = float("inf") if step == 1 else 1.0
+        regularizer.backward(lambda batch=batch, factor=factor: scaler.scale(model(**batch)["loss"] * factor))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        forwards.append(model.forward_calls - before)
+        if step == save_after:
+            saved = regularizer.state_dict()
+    return model, forwards, saved
+
+
+def test_a_fused_optimizers_skipped_step_leaves_no_nan_direction():
+    """A fused AdamW steps even on an overflow (the kernel skips the update), so its hook sees the non-finite
+    gradient: D is then 0, the next GR step a plain step, and training goes on finite."""
+    model, forwards, _ = _inf_at_step_1(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True))
+    assert forwards == [2, 1, 1, 1]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_checkpoint_after_a_skipped_step_holds_no_direction():
+    """Resumed from it, the next GR step runs two passes, as the uninterrupted run does."""
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)  # noqa: E731
+    _, _, after_skip = _inf_at_step_1(sgd, steps=2, save_after=1)
+    _, _, after_step = _inf_at_step_1(sgd, steps=1, save_after=0)
+    assert "gr_previous_direction" not in after_skip and "gr_previous_direction" in after_step
+
+
+def test_a_new_attachment_starts_without_a_direction():
+    """Another `train()` or `hyperparameter_search` trial: new parameters, new optimizer, no D from before."""
+    direction = previous.PreviousDirection()
+    first = TinyNet()
+    direction.attach(torch.optim.SGD(first.parameters(), lr=0.1), list(first.parameters()))
+    for p in first.parameters():
+        p.grad = torch.ones_like(p)
+    direction.capture_(list(first.parameters()))
+    assert direction.ready
+    second = TinyNet()
+    optimizer = torch.optim.SGD(second.parameters(), lr=0.1)
+    direction.attach(optimizer, list(second.parameters()))
+    assert not direction.ready
+    for p in second.parameters():
+        p.grad = torch.full_like(p, 2.0)
+    optimizer.step()  # the hook captures the new parameters' gradients (no KeyError on the old ids)
+    assert direction.ready and bool((direction.flat == 2.0).all())

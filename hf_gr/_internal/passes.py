@@ -11,6 +11,11 @@ correction (`reuse`) on the step's last micro-batch. A GR step:
    into `.grad` as it arrives (`combine`);
 4. θ restored bit for bit from a copy. When a pass raises, θ and `.grad` (= A) are left exactly as before.
 
+A one-pass GR step (`gr_ascent_direction="previous_step"`, `previous`) perturbs along D instead and runs its one
+forward-backward at θ + ε as a plain step runs at θ: its gradient accumulates into `.grad`, BatchNorm statistics
+are updated there, and nothing is measured for the diagnostics. θ is restored bit for bit; when the pass raises,
+`.grad` holds what a raising plain step would leave.
+
 Nothing here reads a value back to the host: a zero or non-finite ‖g1‖ is handled on the device (a zero g1, or one
 below the norm floor of its dtype, gives a plain step, counted by `pop_degenerate_fraction`; a non-finite one
 gives a non-finite gradient that the fp16 scaler skips).
@@ -53,7 +58,10 @@ class GRPasses:
     def start_step(self) -> None:
         """Mark the start of an optimizer step (its first micro-batch comes next)."""
         self.reuse.collecting = False
-        self.previous.step_started()
+
+    def end_step(self) -> None:
+        """Mark the end of an optimizer step (after the optimizer's `step`, or its skip)."""
+        self.previous.step_ended()
 
     def trainable(self) -> list[torch.Tensor]:
         """The parameters that require a gradient, in `model.parameters()` order."""

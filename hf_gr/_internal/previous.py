@@ -6,7 +6,7 @@ one forward-backward at θ + r·D/‖D‖, whose gradient is the update (AsyncSA
 stale gradient the same way). Clipping and loss scaling change D's length, not its direction.
 
 D is captured by a hook on the optimizer's `step`, which runs only when the optimizer really steps: after a step the
-fp16 scaler skipped there is no D (`step_started`). It is kept in one flat buffer of the parameters' size, in
+fp16 scaler skipped there is no D (`step_ended`). It is kept in one flat buffer of the parameters' size, in
 float32 or wider.
 """
 
@@ -26,16 +26,22 @@ class PreviousDirection:
         self.flat: torch.Tensor | None = None
         self.view_of: dict[int, torch.Tensor] = {}
         self.ready = False
-        self.fresh = False  # captured at the optimizer step that just ended
+        self.fresh = False  # captured during the current optimizer step
         self._divisor: tuple[torch.Tensor, torch.Tensor] | None = None  # (‖D‖ or 1, whether D has a direction)
         self._loaded: torch.Tensor | None = None
         self._handle: Any = None
 
     def attach(self, optimizer: Any, params: list[torch.Tensor]) -> None:
-        """Capture D at every step of `optimizer` (the torch optimizer under accelerate's wrapper), for `params`."""
+        """Capture D at every step of `optimizer` (the torch optimizer under accelerate's wrapper), for `params`.
+
+        A new attachment (a new `train()`, another `hyperparameter_search` trial) starts without a D, unless a
+        resumed checkpoint's D waits to be installed."""
         inner = getattr(optimizer, "optimizer", optimizer)
         if self._handle is not None:
             self._handle.remove()
+        self.flat, self.view_of, self._divisor = None, {}, None
+        if self._loaded is None:
+            self.ready = self.fresh = False
         self._handle = inner.register_step_pre_hook(lambda *args, **kwargs: self.capture_(params))
 
     def _allocate(self, params: list[torch.Tensor]) -> None:
@@ -53,7 +59,11 @@ class PreviousDirection:
             self._loaded, self.ready = None, True
 
     def capture_(self, params: list[torch.Tensor]) -> None:
-        """D ← the parameters' `.grad` as the optimizer is about to apply it (a missing gradient counts as 0)."""
+        """D ← the parameters' `.grad` as the optimizer is about to apply it (a missing gradient counts as 0).
+
+        A D that is not finite (an overflowing fp16 step, which a fused optimizer skips on the device, after this
+        hook) is set to 0, on the device: the next GR step is then a plain step, not a step to θ + NaN.
+        """
         if self.flat is None or len(self.view_of) != len(params):
             self._allocate(params)
         with torch.no_grad():
@@ -63,11 +73,12 @@ class PreviousDirection:
                     view.zero_()
                 else:
                     view.copy_(sync.local_shards([p.grad])[0])
+            self.flat.masked_fill_(~torch.isfinite(self.flat).all(), 0.0)
         self.ready, self.fresh, self._divisor = True, True, None
 
-    def step_started(self) -> None:
-        """A new optimizer step begins: D counts only if the step that just ended set it (the fp16 scaler's skipped
-        steps never reach the optimizer's `step`, so after one the next GR step runs two passes)."""
+    def step_ended(self) -> None:
+        """An optimizer step ended: D counts only if this step set it (the fp16 scaler's skipped steps never reach the
+        optimizer's `step`, so after one the next GR step runs two passes)."""
         if not self.fresh:
             self.ready, self._divisor = False, None
         self.fresh = False
@@ -85,12 +96,15 @@ class PreviousDirection:
         return [self.view_of[id(p)] for p in params], self._divisor[0]
 
     def state_dict(self) -> dict[str, Any]:
-        """D (absent before the first step, or after a skipped one)."""
-        if self.ready and self.flat is not None:
-            return {"gr_previous_direction": self.flat.detach().cpu().clone()}
-        return {"gr_previous_direction": self._loaded.clone()} if self._loaded is not None else {}
+        """D, when the next step may use it (absent before the first step, or after a skipped one, as the
+        uninterrupted run has none at its next step). Read it between steps, after `step_ended`."""
+        if not self.ready:
+            return {}
+        if self._loaded is not None:
+            return {"gr_previous_direction": self._loaded.clone()}
+        return {"gr_previous_direction": self.flat.detach().cpu().clone()} if self.flat is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned (installed once the parameters are known)."""
         if "gr_previous_direction" in state:
-            self._loaded, self.flat, self.ready, self.fresh = state["gr_previous_direction"], None, True, True
+            self._loaded, self.flat, self.ready, self.fresh = state["gr_previous_direction"], None, True, False
