@@ -10,6 +10,7 @@ from torch.func import functional_call
 from hf_gr import GradientRegularizer, GRArguments
 from hf_gr._internal import previous
 
+from gpu_check_lib import count_host_syncs
 from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, make_args, max_rel_err, params_of, run_torchrun
 
 BATCH, R = 8, 0.1
@@ -271,3 +272,19 @@ def test_a_new_attachment_starts_without_a_direction():
         p.grad = torch.full_like(p, 2.0)
     optimizer.step()  # the hook captures the new parameters' gradients (no KeyError on the old ids)
     assert direction.ready and bool((direction.flat == 2.0).all())
+
+
+def test_a_one_pass_step_and_its_capture_read_nothing_back_to_the_host():
+    model, data = TinyNet(), DictDataset(96)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = GRArguments(gr_lambda=R, gr_r=R, gr_warmup_strategy="none", gr_ascent_direction="previous_step")
+    regularizer = GradientRegularizer(model, args=args, optimizer=optimizer)
+    for step in range(2):  # step 0 (two passes, no D) sets D; step 1 warms the one-pass path up
+        regularizer.backward(lambda step=step: model(**data.batch(step * BATCH, BATCH))["loss"])
+        optimizer.step()
+        optimizer.zero_grad()
+    with count_host_syncs() as counts:
+        regularizer.backward(lambda: model(**data.batch(2 * BATCH, BATCH))["loss"])
+        optimizer.step()  # the hook copies D and checks it is finite, on the device
+        optimizer.zero_grad()
+    assert counts["n"] == 0 and model.forward_calls == 2 + 1 + 1
