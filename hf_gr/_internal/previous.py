@@ -45,15 +45,7 @@ class PreviousDirection:
         self._handle = inner.register_step_pre_hook(lambda *args, **kwargs: self.capture_(params))
 
     def _allocate(self, params: list[torch.Tensor]) -> None:
-        shards = sync.local_shards(params)
-        dtype = torch.float32
-        for p in shards:
-            dtype = torch.promote_types(dtype, p.dtype)
-        self.flat = torch.zeros(sum(p.numel() for p in shards), dtype=dtype, device=shards[0].device)
-        self.view_of, offset = {}, 0
-        for p, shard in zip(params, shards):
-            self.view_of[id(p)] = self.flat[offset : offset + shard.numel()].view_as(shard)
-            offset += shard.numel()
+        self.flat, self.view_of = sync.flat_buffer(params)
         if self._loaded is not None:
             self.flat.copy_(self._loaded)
             self._loaded, self.ready = None, True

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import gradient
-from .sync import local_shards
+from .sync import flat_buffer, local_shards
 
 
 class ReuseState:
@@ -38,15 +38,7 @@ class ReuseState:
 
     def allocate(self, trainable: list[torch.Tensor]) -> None:
         """The flat buffer for `trainable` (their local shards under FSDP2); a loaded state is installed into it."""
-        shards = local_shards(trainable)
-        dtype = torch.float32
-        for p in shards:
-            dtype = torch.promote_types(dtype, p.dtype)
-        self.flat = torch.zeros(sum(p.numel() for p in shards), dtype=dtype, device=shards[0].device)
-        self.view_of, offset = {}, 0
-        for p, shard in zip(trainable, shards):
-            self.view_of[id(p)] = self.flat[offset : offset + shard.numel()].view_as(shard)
-            offset += shard.numel()
+        self.flat, self.view_of = flat_buffer(trainable)
         if self._loaded is not None:
             self.flat.copy_(self._loaded["gr_reuse_u"])
             self.rho = self._loaded["gr_reuse_rho"].to(self.flat.device)

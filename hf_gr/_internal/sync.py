@@ -34,6 +34,21 @@ def local_shards(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
+def flat_buffer(params: list[torch.Tensor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """One zeroed flat buffer the size of the parameters' local shards, in float32 or wider (a difference of nearly
+    equal gradients, or a direction, is lost in half precision), and id(parameter) → its view shaped like the shard."""
+    shards = local_shards(params)
+    dtype = torch.float32
+    for p in shards:
+        dtype = torch.promote_types(dtype, p.dtype)
+    flat = torch.zeros(sum(p.numel() for p in shards), dtype=dtype, device=shards[0].device)
+    view_of, offset = {}, 0
+    for p, shard in zip(params, shards):
+        view_of[id(p)] = flat[offset : offset + shard.numel()].view_as(shard)
+        offset += shard.numel()
+    return flat, view_of
+
+
 def world_size(accelerator: Any = None) -> int:
     """The number of data-parallel processes (from the accelerator, else torch.distributed)."""
     if accelerator is not None:
