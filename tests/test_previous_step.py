@@ -199,20 +199,7 @@ def test_ddp_one_pass_sam_all_reduces_once_per_step(distributed_results):
 def test_after_a_step_the_fp16_scaler_skipped_a_gr_step_takes_two_passes():
     """A plain PyTorch loop with a GradScaler: step 1's loss is infinite, the scaler skips the optimizer's step, so no
     D comes from it and step 2 runs two passes; step 3 steps along step 2's gradient again."""
-    model, data = TinyNet(), DictDataset(96)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    args = GRArguments(gr_lambda=R, gr_r=R, gr_warmup_strategy="none", gr_ascent_direction="previous_step")
-    regularizer = GradientRegularizer(model, args=args, optimizer=optimizer)
-    forwards = []
-    for step in range(4):
-        batch, before = data.batch(step * BATCH, BATCH), model.forward_calls
-        factor = float("inf") if step == 1 else 1.0
-        regularizer.backward(lambda batch=batch, factor=factor: scaler.scale(model(**batch)["loss"] * factor))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad()
-        forwards.append(model.forward_calls - before)
+    _, forwards, _, scaler = _inf_at_step_1(lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
     assert scaler.get_scale() == 512.0  # one step skipped
     assert forwards == [2, 1, 2, 1]
 
@@ -236,13 +223,13 @@ def _inf_at_step_1(optimizer, steps: int = 4, save_after: int | None = None):
         forwards.append(model.forward_calls - before)
         if step == save_after:
             saved = regularizer.state_dict()
-    return model, forwards, saved
+    return model, forwards, saved, scaler
 
 
 def test_a_fused_optimizers_skipped_step_leaves_no_nan_direction():
     """A fused AdamW steps even on an overflow (the kernel skips the update), so its hook sees the non-finite
     gradient: D is then 0, the next GR step a plain step, and training goes on finite."""
-    model, forwards, _ = _inf_at_step_1(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True))
+    model, forwards, _, _ = _inf_at_step_1(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True))
     assert forwards == [2, 1, 1, 1]
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -250,8 +237,8 @@ def test_a_fused_optimizers_skipped_step_leaves_no_nan_direction():
 def test_a_checkpoint_after_a_skipped_step_holds_no_direction():
     """Resumed from it, the next GR step runs two passes, as the uninterrupted run does."""
     sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)  # noqa: E731
-    _, _, after_skip = _inf_at_step_1(sgd, steps=2, save_after=1)
-    _, _, after_step = _inf_at_step_1(sgd, steps=1, save_after=0)
+    _, _, after_skip, _ = _inf_at_step_1(sgd, steps=2, save_after=1)
+    _, _, after_step, _ = _inf_at_step_1(sgd, steps=1, save_after=0)
     assert "gr_previous_direction" not in after_skip and "gr_previous_direction" in after_step
 
 
