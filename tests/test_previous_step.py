@@ -1,10 +1,15 @@
 """One-pass SAM (`gr_ascent_direction="previous_step"`): ε = r·D/‖D‖ with D the gradient the optimizer applied at
 the last step, against a float64 SGD (lr 1) simulation written here from that definition."""
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from killed_run import resumable_args
 from torch.func import functional_call
 
 from hf_gr import GradientRegularizer, GRArguments
@@ -152,6 +157,26 @@ def test_resume_is_bit_identical(tmp_path):
     args = _args(tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2)
     trainer = SequentialGRTrainer(model=resumed, args=args, train_dataset=data)
     trainer.train(resume_from_checkpoint=True)
+    assert all(torch.equal(a, b) for a, b in zip(params_of(resumed), params_of(straight)))
+
+
+def test_a_run_killed_mid_step_resumes_bit_identically(tmp_path):
+    """SIGKILL in step 5, between its micro-batches with θ perturbed; the resume from checkpoint-4 (which holds D)
+    takes one pass per micro-batch and ends on the uninterrupted run's weights, bit for bit."""
+    data = DictDataset(96)
+    straight = TinyNet()
+    SequentialGRTrainer(model=straight, args=resumable_args(tmp_path / "straight"), train_dataset=data).train()
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "killed_run.py"), str(killed), "5"],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert sorted(p.name for p in (killed / "out").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    resumed = TinyNet(seed=1)  # other initial weights: all of θ must come from the checkpoint
+    trainer = _Counting(model=resumed, args=resumable_args(killed), train_dataset=data)
+    trainer.counted = []
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.counted == [2, 2]  # steps 5 and 6 along the checkpoint's D: one pass per micro-batch
     assert all(torch.equal(a, b) for a, b in zip(params_of(resumed), params_of(straight)))
 
 
