@@ -13,7 +13,7 @@ from killed_run import resumable_args
 from torch.func import functional_call
 
 from hf_gr import GradientRegularizer, GRArguments
-from hf_gr._internal import previous
+from hf_gr._internal import previous, schedule
 
 from gpu_check_lib import count_host_syncs
 from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, make_args, max_rel_err, params_of, run_torchrun
@@ -82,13 +82,22 @@ class _Counting(SequentialGRTrainer):
         return loss
 
 
+def _drawn(p: float, p_end: float, steps: int) -> list[str]:
+    """The GR steps `gr_probability` p draws (seed 0), its p_t ramped linearly from step 0 to p_end at the last."""
+    kinds = ["gr" if schedule.uniform(0, t) < p + (p_end - p) * t / (steps - 1) else "plain" for t in range(steps)]
+    assert "plain" in kinds and "plain" in kinds[:-1] and "gr" in kinds  # a plain step's gradient becomes D
+    return kinds
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 @pytest.mark.parametrize(
     "overrides, kinds",
     [({}, ["gr"] * 4),
      ({"gr_warmup_strategy": "zero", "gr_warmup_steps": 2}, ["plain", "plain", "gr", "gr"]),
-     ({"gr_interval": 2}, ["gr", "plain", "gr", "plain"])],
-    ids=["every-step", "zero-warmup", "interval-2"],
+     ({"gr_interval": 2}, ["gr", "plain", "gr", "plain"]),
+     ({"gr_probability": 0.5, "max_steps": 6}, _drawn(0.5, 0.5, 6)),
+     ({"gr_probability": 0.3, "gr_probability_end": 1.0, "max_steps": 6}, _drawn(0.3, 1.0, 6))],
+    ids=["every-step", "zero-warmup", "interval-2", "probability-0.5", "probability-ramp"],
 )  # fmt: skip
 def test_training_steps_along_the_previous_applied_gradient(tmp_path, accumulation, overrides, kinds):
     model, data = TinyNet(), DictDataset(96)
