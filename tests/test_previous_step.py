@@ -34,15 +34,16 @@ def _along(params: dict, direction: list[torch.Tensor]) -> dict:
     return {n: p + R / norm * d for (n, p), d in zip(params.items(), direction)}
 
 
-def reference(data, kinds: list[str], accumulation: int = 1, trail: list | None = None):
+def reference(data, kinds: list[str], accumulation: int = 1, trail: list | None = None, forget: int | None = None):
     """SGD at lr 1 in float64: a GR step steps along D, the previous step's applied gradient (two passes, along its
-    own g1, when there is no D yet); a plain step takes g. D ← the applied gradient after every step.
-    Returns the final parameters and the forward passes each step took."""
+    own g1, when there is no D yet, or at step `forget`, where D is dropped); a plain step takes g. D ← the applied
+    gradient after every step. Returns the final parameters and the forward passes each step took."""
     model = TinyNet().double()  # the trainer's initial weights, in float64
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     previous, passes = None, []
     for step, kind in enumerate(kinds):
         update, forwards = None, 0
+        previous = None if step == forget else previous
         for j in range(accumulation):
             batch = data.batch((step * accumulation + j) * BATCH, BATCH)
             if kind == "plain":
@@ -168,6 +169,24 @@ def test_resume_is_bit_identical(tmp_path):
     trainer.train(resume_from_checkpoint=True)
     assert all(torch.equal(a, b) for a, b in zip(params_of(resumed), params_of(straight)))
 
+
+def test_a_resume_from_a_checkpoint_without_d_takes_two_passes_then_one(tmp_path):
+    """A checkpoint written before D was saved (its GR state lacks it): the first resumed GR step runs the two-pass
+    step on its batch, the next steps along that step's gradient, as the reference that drops D at step 2 does."""
+    data = DictDataset(96)
+    args = _args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    SequentialGRTrainer(model=TinyNet(), args=args, train_dataset=data).train()
+    state_file = tmp_path / "out" / "checkpoint-2" / "gr_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert "gr_previous_direction" in state  # what the resume below goes without
+    torch.save({k: v for k, v in state.items() if k != "gr_previous_direction"}, state_file)
+    resumed = TinyNet()
+    trainer = _Counting(model=resumed, args=_args(tmp_path, save_strategy="steps", save_steps=2), train_dataset=data)
+    trainer.counted = []
+    trainer.train(resume_from_checkpoint=True)
+    want, passes = reference(data, ["gr"] * 4, forget=2)
+    assert trainer.counted == passes[2:] == [2, 1]
+    assert max_rel_err(params_of(resumed), [w.float() for w in want]) < 1e-5
 
 def test_a_run_killed_mid_step_resumes_bit_identically(tmp_path):
     """SIGKILL in step 5, between its micro-batches with θ perturbed; the resume from checkpoint-4 (which holds D)
