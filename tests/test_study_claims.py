@@ -90,6 +90,28 @@ def test_the_cheaper_modes_page_quotes_the_ascent_study():
     assert f"test error {100 * errors[0]:.2f} ± " in page and f"against {100 * errors[1]:.2f} ± " in page
 
 
+def test_the_cheaper_modes_page_quotes_the_one_pass_study():
+    page, study = _text(ROOT / "docs" / "cheaper-gr.md"), "study-one-pass"
+    for b, claim in (("zero-warmup", "higher"), ("plain", None)):
+        mean, low, high, p = _paired(study, "zero-warmup-previous", b)
+        assert f"{mean:+.2f} points, 95 % CI [{low:+.2f}, {high:+.2f}], p = " in page
+        assert (p < 0.05) == (claim is not None)  # worded by its p: "higher" only below 0.05
+        quoted = f"p = {p:.2g}, unadjusted" if claim else f"p = {p:.2f})"
+        assert quoted in page
+    for arm in ("zero-warmup-previous", "zero-warmup", "plain"):
+        errors = [100 * e for e in _metric(study, arm, "test_error_rate").values()]
+        assert f"{statistics.mean(errors):.2f} ± {statistics.stdev(errors):.2f} %" in page
+        assert f"{statistics.mean(_metric(study, arm, 'test_loss').values()):.2f}" in page
+    for b in ("zero-warmup", "plain"):
+        assert _paired(study, "zero-warmup-previous", b, "test_loss", 1)[3] < 0.001
+    runs = json.loads((ROOT / "docs" / f"{study}.json").read_text())["runs"]
+    passes = {r["arm"]: r["forward_backward_passes"] for r in runs}
+    assert f"({passes['zero-warmup-previous']:,} against full GR's {passes['zero-warmup']:,} per run)" in page
+    wall = {(r["arm"], r["seed"]): r["wall_s"] for r in runs}
+    for arm, form in (("zero-warmup-previous", "and {:.2f}× plain's wall time"), ("zero-warmup", "full GR {:.2f}×")):
+        ratio = statistics.median(wall[arm, seed] / wall["plain", seed] for seed in range(5))
+        assert form.format(ratio) in page
+
 def test_the_regime_numbers_are_the_records():
     plain_train = statistics.mean(_metric("study-cpu", "plain", "train_clean_error_rate").values())
     plain_test = statistics.mean(_metric("study-cpu", "plain", "test_error_rate").values())
