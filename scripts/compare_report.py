@@ -163,14 +163,24 @@ def runs_table(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
 
 
 def environment_text(runs: list[dict[str, Any]]) -> str:
-    envs = {tuple(sorted((k, str(v)) for k, v in r["environment"].items() if k != "commit")) for r in runs}
-    if not envs:
+    """The runs' environment: what every run shares, once; for what differs between runs, its range (the load
+    average) or how many values it took (each run's own is in the JSON)."""
+    if not runs:
         return "No runs yet."
-    lines = []
-    for env in sorted(envs):
-        lines.append("- " + ", ".join(f"{k} {v}" for k, v in env))
+    lines, differing, load = [], [], ""
+    for key in sorted({k for r in runs for k in r["environment"] if k != "commit"}):
+        values = {str(r["environment"].get(key)) for r in runs}
+        if len(values) == 1:
+            lines.append(f"- {key}: {values.pop()}")
+        elif key == "load_average_at_start":
+            first = [r["environment"][key][0] for r in runs if r["environment"].get(key)]
+            lines.append(f"- {key} (1 minute): {min(first):.2f}–{max(first):.2f}, each run's in the JSON")
+            load = " but the load"
+        else:
+            differing.append(key)
+            lines.append(f"- {key}: {len(values)} different values, each run's in the JSON")
     commits = sorted({r["environment"].get("commit", "") for r in runs})
-    note = "one environment for every run" if len(envs) == 1 else f"{len(envs)} different environments (see the JSON)"
+    note = f"differing between runs: {', '.join(differing)}" if differing else f"the same for every run{load}"
     return "\n".join(lines) + f"\n\n({note}; code at commit(s) {', '.join(c[:10] for c in commits)}.)"
 
 

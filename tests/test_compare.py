@@ -304,3 +304,18 @@ def test_one_pass_sam_counts_one_pass_per_step_and_one_more_for_its_first():
     assert compare.passes({**previous, "gr_warmup_strategy": "zero"}, 10, 2, 0.8) == 20  # D from the plain steps
     assert compare.passes({}, 10, 2, 0.5) == round(10 * 2 * 1.5)
     assert compare.passes({"gr_ascent_fraction": 0.25}, 8, 1, 1.0) == 10
+
+
+def test_the_report_lists_a_shared_environment_once_and_names_what_differs():
+    import compare_report
+
+    cells = ((0.5, "2.4.6", "abc"), (2.25, "2.4.6", "abc"), (1.0, "2.5.0", "def"))
+    runs = [{"environment": {"torch": "2.13.0", "threads": 1, "load_average_at_start": [load, 1.0, 1.0],
+                             "numpy": numpy, "commit": commit}} for load, numpy, commit in cells]  # fmt: skip
+    text = compare_report.environment_text(runs)
+    assert "- threads: 1\n- torch: 2.13.0" in text
+    assert "- load_average_at_start (1 minute): 0.50–2.25, each run's in the JSON" in text
+    assert "- numpy: 2 different values, each run's in the JSON" in text
+    assert text.endswith("(differing between runs: numpy; code at commit(s) abc, def.)")
+    same = compare_report.environment_text(runs[:1])
+    assert same.endswith("(the same for every run; code at commit(s) abc.)") and "- load_average" in same
