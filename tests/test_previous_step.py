@@ -188,6 +188,7 @@ def test_a_resume_from_a_checkpoint_without_d_takes_two_passes_then_one(tmp_path
     assert trainer.counted == passes[2:] == [2, 1]
     assert max_rel_err(params_of(resumed), [w.float() for w in want]) < 1e-5
 
+@pytest.mark.slow  # a subprocess
 def test_a_run_killed_mid_step_resumes_bit_identically(tmp_path):
     """SIGKILL in step 5, between its micro-batches with θ perturbed; the resume from checkpoint-4 (which holds D)
     takes one pass per micro-batch and ends on the uninterrupted run's weights, bit for bit."""
