@@ -329,3 +329,18 @@ def test_a_one_pass_step_and_its_capture_read_nothing_back_to_the_host():
         optimizer.step()  # the hook copies D and checks it is finite, on the device
         optimizer.zero_grad()
     assert counts["n"] == 0 and model.forward_calls == 2 + 1 + 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_non_finite_entry_sets_d_to_zero(bad):
+    """One NaN or ±inf anywhere in the applied gradient: D is 0 (the next GR step is a plain step), not θ + NaN."""
+    params = [torch.nn.Parameter(torch.randn(50)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn(50)
+    direction = previous.PreviousDirection()
+    direction.attach(torch.optim.SGD(params, lr=0.1), params)
+    direction.capture_(params)
+    assert torch.equal(direction.flat, torch.cat([p.grad for p in params]))  # a finite gradient is D as it is
+    params[1].grad[7] = bad
+    direction.capture_(params)
+    assert direction.ready and torch.equal(direction.flat, torch.zeros(150))
