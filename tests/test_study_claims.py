@@ -32,6 +32,8 @@ TEST_ERROR_CLAIMS = [
     ("study-cpu", "zero-warmup", "plain"),
     ("study-cpu", "zero-warmup-p0.5", "zero-warmup"),
     ("study-ascent", "zero-warmup-ascent25", "zero-warmup"),
+    ("study-one-pass", "zero-warmup-previous", "zero-warmup"),
+    ("study-one-pass", "zero-warmup-previous", "plain"),
 ]
 
 
