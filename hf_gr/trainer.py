@@ -209,8 +209,7 @@ class GRMixin:
         """At train start: say how GR runs, warn about W = 0, and record the settings (warning when a resume
         changed them)."""
         main = self.is_local_process_zero()
-        if self.args.gr_ascent_direction == "previous_step":  # D: the gradient each optimizer step applies
-            self.gr_passes.previous.attach(self.optimizer, [p for p in self.model.parameters() if p.requires_grad])
+        self.gr_passes.begin_training(self.optimizer)  # D, with previous_step: the gradient each step applies
         if main:
             logger.info("GR: %s.", setup.mode(self))
         if main and self.gr_warmup is not None and self.gr_warmup_length() == 0:

@@ -344,3 +344,17 @@ def test_one_non_finite_entry_sets_d_to_zero(bad):
     params[1].grad[7] = bad
     direction.capture_(params)
     assert direction.ready and torch.equal(direction.flat, torch.zeros(150))
+
+
+@pytest.mark.parametrize("modes", [dict(gr_ascent_direction="previous_step"), dict(gr_reuse=True, gr_interval=2)])
+def test_parameters_on_several_devices_are_refused_before_the_first_step(modes):
+    """A model split over devices (`device_map`): the flat buffer D or u would live on one of them; refused when
+    the regularizer is built, naming the options, instead of failing inside a step."""
+    model = TinyNet()
+    model.extra = torch.nn.Linear(2, 2, device="meta")  # a second device
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = GRArguments(gr_lambda=R, gr_r=R, gr_warmup_strategy="none", **modes)
+    with pytest.raises(ValueError, match=r"parameters are on cpu, meta \(a device_map over several devices\)"):
+        GradientRegularizer(model, args=args, optimizer=optimizer)
+    del model.extra
+    GradientRegularizer(model, args=args, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))  # one device: fine

@@ -63,6 +63,14 @@ class GRPasses:
         """Mark the end of an optimizer step (after the optimizer's `step`, or its skip)."""
         self.previous.step_ended()
 
+    def begin_training(self, optimizer: Any) -> None:
+        """At train start: refuse parameters the flat buffers (LookSAM's u, D) cannot hold, and capture D at each
+        step of `optimizer` with `previous_step`."""
+        if self.args.gr_reuse:
+            sync.check_one_device(self.trainable())
+        if self.args.gr_ascent_direction == "previous_step":
+            self.previous.attach(optimizer, self.trainable())
+
     def trainable(self) -> list[torch.Tensor]:
         """The parameters that require a gradient, in `model.parameters()` order."""
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -111,6 +119,7 @@ class GRPasses:
         backup = gradient.snapshot(local_params)
         try:
             gradient.perturb_(local_params, views, plan.gr_r, divisor)
+            del views  # a half-precision copy of D must not live through the pass
             return run_pass()
         finally:
             gradient.restore_(local_params, backup)

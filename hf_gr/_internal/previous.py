@@ -40,6 +40,7 @@ class PreviousDirection:
         if self._handle is not None:
             self._handle.remove()
         self.flat, self.view_of, self._divisor = None, {}, None
+        sync.check_one_device(params)  # refused now, not at the first step
         if self._loaded is None:
             self.ready = self.fresh = False
         self._handle = inner.register_step_pre_hook(lambda *args, **kwargs: self.capture_(params))

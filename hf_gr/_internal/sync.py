@@ -34,10 +34,22 @@ def local_shards(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
+def check_one_device(params: list[torch.Tensor]) -> None:
+    """Refuse parameters spread over several devices, which a flat buffer (`flat_buffer`) cannot hold."""
+    devices = sorted({str(p.device) for p in local_shards(params)})
+    if len(devices) > 1:
+        raise ValueError(
+            f"gr_ascent_direction='previous_step' and gr_reuse keep one buffer on one device, but the trainable "
+            f"parameters are on {', '.join(devices)} (a device_map over several devices). Use "
+            "gr_ascent_direction='batch' without gr_reuse, or DDP/FSDP2 with one device per process."
+        )
+
+
 def flat_buffer(params: list[torch.Tensor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """One zeroed flat buffer the size of the parameters' local shards, in float32 or wider (a difference of nearly
     equal gradients, or a direction, is lost in half precision), and id(parameter) → its view shaped like the shard."""
     shards = local_shards(params)
+    check_one_device(shards)
     dtype = torch.float32
     for p in shards:
         dtype = torch.promote_types(dtype, p.dtype)
