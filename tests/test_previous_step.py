@@ -247,7 +247,14 @@ def test_distributed_one_pass_sam_equals_the_single_process_reference(distribute
 
 
 def test_ddp_one_pass_sam_all_reduces_once_per_step(distributed_results):
+    """One bucket through DDP's comm hook per step, as plain training, and no collective of hf_gr's own."""
     assert distributed_results["ddp"]["all_reduces"] == [1, 1, 1, 1]
+    assert distributed_results["ddp"]["other_all_reduces"] == [0, 0, 0, 0]
+
+
+def test_fsdp2_keeps_d_sharded_like_the_gradients(distributed_results):
+    sizes = distributed_results["fsdp2"]["sizes"]
+    assert sizes["d"] == sizes["local"] < sizes["full"]
 
 
 def test_after_a_step_the_fp16_scaler_skipped_a_gr_step_takes_two_passes():

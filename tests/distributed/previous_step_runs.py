@@ -3,7 +3,8 @@
 A plain PyTorch loop, accumulation 2, SGD at lr 1, zero-warmup over W = 1 (step 0 plain, so every GR step has a D),
 4 steps; rank r's micro-batch m is rows ((step·2 + m)·2 + r)·4 to +4, so the replicas' mean gradient is the single
 process's on 8 consecutive rows. Writes, from rank 0, a `torch.save` dict to argv[1]: per setting the final
-parameters, the all-reduces per step (DDP), and whether every rank held the same D.
+parameters, the all-reduces per step (DDP: the comm hook's buckets, and any other `dist.all_reduce` call), whether
+every rank held the same D, and D's length against the rank's shards and the whole model (FSDP2).
 """
 
 import os
@@ -20,6 +21,7 @@ from hf_gr import GradientRegularizer, GRArguments  # noqa: E402
 from gr_testing import DictDataset, TinyNet, finish_distributed  # noqa: E402
 
 BATCH, STEPS, ACCUMULATION, R = 4, 4, 2, 0.1
+IN_HOOK = [False]  # set while DDP's comm hook runs its own all-reduce
 FIELDS = dict(gr_lambda=R, gr_r=R, gr_warmup_strategy="zero", gr_warmup_steps=1, gr_ascent_direction="previous_step")
 
 
@@ -28,9 +30,18 @@ def loop(model: nn.Module, module: TinyNet, rank: int, world: int, counts: list[
     regularizer = GradientRegularizer(model, args=GRArguments(**FIELDS), gradient_accumulation_steps=ACCUMULATION,
                                       optimizer=optimizer)  # fmt: skip
     fsdp = hasattr(model, "set_requires_gradient_sync")
-    data, per_step, forwards = DictDataset(96), [], []
+    data, per_step, forwards, direct, other = DictDataset(96), [], [], [], []
+    original = dist.all_reduce
+
+    def counting(*args, **kwargs):  # hf_gr's own collectives, beside the comm hook's buckets
+        if not IN_HOOK[0]:
+            direct.append(1)
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counting
     for step in range(STEPS):
         before_reduces, before = (sum(counts) if counts is not None else 0), module.forward_calls
+        before_direct = len(direct)
         for j in range(ACCUMULATION):
             batch = data.batch(((step * ACCUMULATION + j) * world + rank) * BATCH, BATCH)
             last = j == ACCUMULATION - 1
@@ -48,16 +59,20 @@ def loop(model: nn.Module, module: TinyNet, rank: int, world: int, counts: list[
         optimizer.step()
         optimizer.zero_grad()
         per_step.append((sum(counts) if counts is not None else 0) - before_reduces)
+        other.append(len(direct) - before_direct)
         forwards.append(module.forward_calls - before)
+    dist.all_reduce = original
     same_d = None  # under FSDP2 each rank holds its own shard of D
     if not fsdp:
         d = regularizer.passes.previous.flat.clone()
         every = [torch.zeros_like(d) for _ in range(world)]
         dist.all_gather(every, d)
         same_d = all(torch.equal(every[0], x) for x in every)
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
-    return {"params": [p.detach().clone() for p in params], "all_reduces": per_step, "forwards": forwards,
-            "same_d": same_d}  # fmt: skip
+    sizes = {"d": regularizer.passes.previous.flat.numel(), "local": local, "full": sum(p.numel() for p in params)}
+    return {"params": [p.detach().clone() for p in params], "all_reduces": per_step, "other_all_reduces": other,
+            "forwards": forwards, "same_d": same_d, "sizes": sizes}  # fmt: skip
 
 
 def main() -> None:
@@ -74,7 +89,11 @@ def main() -> None:
 
     def counted(state, bucket):
         counts.append(1)
-        return default_hooks.allreduce_hook(None, bucket)
+        IN_HOOK[0] = True
+        try:
+            return default_hooks.allreduce_hook(None, bucket)
+        finally:
+            IN_HOOK[0] = False
 
     ddp.register_comm_hook(None, counted)
     results["ddp"] = loop(ddp, module, rank, world, counts)
