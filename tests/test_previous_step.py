@@ -34,10 +34,12 @@ def _along(params: dict, direction: list[torch.Tensor]) -> dict:
     return {n: p + R / norm * d for (n, p), d in zip(params.items(), direction)}
 
 
-def reference(data, kinds: list[str], accumulation: int = 1, trail: list | None = None, forget: int | None = None):
+def reference(data, kinds: list[str], accumulation: int = 1, trail: list | None = None, forget: int | None = None,
+              clip: float = 0.0):  # fmt: skip
     """SGD at lr 1 in float64: a GR step steps along D, the previous step's applied gradient (two passes, along its
-    own g1, when there is no D yet, or at step `forget`, where D is dropped); a plain step takes g. D ← the applied
-    gradient after every step. Returns the final parameters and the forward passes each step took."""
+    own g1, when there is no D yet, or at step `forget`, where D is dropped); a plain step takes g. The update is
+    clipped to global norm `clip` (> 0, torch's rule), and D ← the applied update after every step. Returns the
+    final parameters and the forward passes each step took."""
     model = TinyNet().double()  # the trainer's initial weights, in float64
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     previous, passes = None, []
@@ -54,6 +56,10 @@ def reference(data, kinds: list[str], accumulation: int = 1, trail: list | None 
                 g, forwards = _grad(model, _along(params, previous), batch), forwards + 1
             g = [x / accumulation for x in g]
             update = g if update is None else [a + b for a, b in zip(update, g)]
+        if clip > 0:
+            norm = float(torch.sqrt(sum((u**2).sum() for u in update)))
+            assert norm > clip  # the test's clipping bites
+            update = [u * min(1.0, clip / (norm + 1e-6)) for u in update]
         params = {n: p - u for (n, p), u in zip(params.items(), update)}
         previous = update
         if trail is not None:
@@ -97,8 +103,9 @@ def _drawn(p: float, p_end: float, steps: int) -> list[str]:
      ({"gr_warmup_strategy": "zero", "gr_warmup_steps": 2}, ["plain", "plain", "gr", "gr"]),
      ({"gr_interval": 2}, ["gr", "plain", "gr", "plain"]),
      ({"gr_probability": 0.5, "max_steps": 6}, _drawn(0.5, 0.5, 6)),
-     ({"gr_probability": 0.3, "gr_probability_end": 1.0, "max_steps": 6}, _drawn(0.3, 1.0, 6))],
-    ids=["every-step", "zero-warmup", "interval-2", "probability-0.5", "probability-ramp"],
+     ({"gr_probability": 0.3, "gr_probability_end": 1.0, "max_steps": 6}, _drawn(0.3, 1.0, 6)),
+     ({"max_grad_norm": 0.05, "gr_diagnostics_steps": 1}, ["gr"] * 4)],
+    ids=["every-step", "zero-warmup", "interval-2", "probability-0.5", "probability-ramp", "clipped-diagnosed"],
 )  # fmt: skip
 def test_training_steps_along_the_previous_applied_gradient(tmp_path, accumulation, overrides, kinds):
     model, data = TinyNet(), DictDataset(96)
@@ -106,9 +113,12 @@ def test_training_steps_along_the_previous_applied_gradient(tmp_path, accumulati
     trainer = _Counting(model=model, args=args, train_dataset=data)
     trainer.counted = []
     trainer.train()
-    want, passes = reference(data, kinds, accumulation)
+    want, passes = reference(data, kinds, accumulation, clip=overrides.get("max_grad_norm", 0.0))
     assert trainer.counted == passes  # one pass per micro-batch once a D exists; two only before it
     assert max_rel_err(params_of(model), [w.float() for w in want]) < 1e-5
+    # gr_sharpness needs L(θ), which a one-pass step does not compute: logged only for two-pass GR steps
+    sharp = [e["step"] for e in trainer.state.log_history if "gr_sharpness" in e]
+    assert sharp == [i + 1 for i, (kind, n) in enumerate(zip(kinds, passes)) if kind == "gr" and n == 2 * accumulation]
 
 
 def test_evaluation_between_steps_sees_theta_not_the_perturbed_point(tmp_path):
