@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 
 from hf_gr import GradientRegularizer
 from hf_gr._internal import ascent, combine, gradient, metrics, passes, previous, record, replay, schedule
@@ -39,6 +40,9 @@ MUTATIONS = {
     "resume_changes_unseen": "a resume with changed GR settings is recorded as if nothing changed",
     "previous_direction_stale": "one-pass SAM steps along the first D it captured, never the latest applied gradient",
     "previous_direction_not_restored": "one-pass SAM leaves θ at θ + ε after its pass",
+    "previous_direction_not_saved": "GR's checkpoint state leaves D out: a resumed run's next GR step has no D",
+    "previous_direction_kept_after_skip": "after a step the fp16 scaler skipped, the D of the step before is used",
+    "previous_direction_not_finite": "a D with NaN or ±inf is kept as it is, not set to 0",
 }
 
 
@@ -152,6 +156,18 @@ def apply(name: str, patch: pytest.MonkeyPatch) -> Calls:
                 patch.setattr(gradient, "restore_", restore_)
 
         patch.setattr(passes.GRPasses, "_one_pass", calls.wrap(leaving_theta_perturbed))
+    elif name == "previous_direction_not_saved":
+        patch.setattr(previous.PreviousDirection, "state_dict", calls.wrap(lambda self: {}))
+    elif name == "previous_direction_kept_after_skip":
+        patch.setattr(previous.PreviousDirection, "step_ended", calls.wrap(lambda self: None))
+    elif name == "previous_direction_not_finite":
+        capture_ = previous.PreviousDirection.capture_
+
+        def keeping_non_finite(self: Any, params: Any) -> None:
+            capture_(self, params)
+            self.flat.copy_(torch.cat([p.grad.reshape(-1) for p in params]))  # D as applied, NaN and all
+
+        patch.setattr(previous.PreviousDirection, "capture_", calls.wrap(keeping_non_finite))
     elif name == "resume_changes_unseen":
         patch.setattr(record, "changes", calls.wrap(lambda old, new: []))
     else:

@@ -45,6 +45,13 @@ CAUGHT_BY = {
         dict(accumulation=1, overrides={}, kinds=["gr"] * 4),
     ),
     "previous_direction_not_restored": ("test_previous_step", "test_custom_loop_reads_d_at_the_optimizer_step", {}),
+    "previous_direction_not_saved": ("test_previous_step", "test_resume_is_bit_identical", {}),
+    "previous_direction_kept_after_skip": (
+        "test_previous_step", "test_after_a_step_the_fp16_scaler_skipped_a_gr_step_takes_two_passes", {}
+    ),
+    "previous_direction_not_finite": (
+        "test_previous_step", "test_one_non_finite_entry_sets_d_to_zero", dict(bad=float("nan"))
+    ),
     "resume_changes_unseen": (
         "test_silent_trainer", "test_resume_with_changed_settings_warns_and_records_each_range",
         dict(restore_callbacks=False),
