@@ -150,6 +150,32 @@ def test_sft_gr_step_matches_reference_on_the_batch_the_trainer_saw(tmp_path, ch
     assert max_rel_err(recorder.grads[0], reference_sft_gr_grad(reference, batch, num_items)) < 1e-5
 
 
+def test_sft_one_pass_sam_steps_along_the_previous_applied_gradient(tmp_path):
+    """`gr_ascent_direction="previous_step"` in SFT: step 0 plain (zero-warmup, W = 1), step 1 one pass at
+    θ1 + r·g0/‖g0‖, whose gradient is the update; both checked against SFT's loss written here."""
+    tokenizer = make_tokenizer()
+    model, reference = make_lm(tokenizer), make_lm(tokenizer)
+    args = sft_args(tmp_path, GRSFTConfig, max_steps=2, gr_lambda=R, gr_warmup_strategy="zero", gr_warmup_steps=1,
+                    gr_ascent_direction="previous_step")  # fmt: skip
+    trainer = CapturingGRSFTTrainer(model=model, args=args, train_dataset=make_text_dataset(),
+                                    processing_class=tokenizer)  # fmt: skip
+    recorder = Recorder(model)
+    trainer.add_callback(recorder)
+    trainer.train()
+    assert recorder.forwards == [1, 1]
+
+    def grad_at(point, batch, num_items):
+        leaves = {n: p.clone().requires_grad_(True) for n, p in point.items()}
+        return list(torch.autograd.grad(sft_loss(reference, leaves, batch, num_items), list(leaves.values())))
+
+    theta0 = {n: p.detach() for n, p in reference.named_parameters() if p.requires_grad}
+    g0 = grad_at(theta0, *trainer.seen[0])
+    theta1 = {n: p - 0.1 * g for (n, p), g in zip(theta0.items(), g0)}  # SGD, lr 0.1
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in g0)).float()
+    g1 = grad_at({n: p + R / norm * g for (n, p), g in zip(theta1.items(), g0)}, *trainer.seen[1])
+    assert max_rel_err(recorder.grads[0], g0) < 1e-5
+    assert max_rel_err(recorder.grads[1], g1) < 1e-5
+
 def _sft_run(tmp_path, name, trainer_cls, config, **overrides):
     tokenizer = make_tokenizer()
     model = make_lm(tokenizer, dropout=0.1)
