@@ -50,6 +50,10 @@ def reference(data, kinds: list[str], accumulation: int = 1, trail: list | None 
             batch = data.batch((step * accumulation + j) * BATCH, BATCH)
             if kind == "plain":
                 g, forwards = _grad(model, params, batch), forwards + 1
+            elif kind.startswith("alpha="):  # α_t < 1 (a λ-warmup): the two-pass step, (1 − α)·g1 + α·g2
+                alpha, g1 = float(kind[6:]), _grad(model, params, batch)
+                g2 = _grad(model, _along(params, g1), batch)
+                g, forwards = [(1 - alpha) * a + alpha * b for a, b in zip(g1, g2)], forwards + 2
             elif previous is None:  # no D: this micro-batch's own g1 gives the direction
                 g, forwards = _grad(model, _along(params, _grad(model, params, batch)), batch), forwards + 2
             else:
@@ -104,8 +108,10 @@ def _drawn(p: float, p_end: float, steps: int) -> list[str]:
      ({"gr_interval": 2}, ["gr", "plain", "gr", "plain"]),
      ({"gr_probability": 0.5, "max_steps": 6}, _drawn(0.5, 0.5, 6)),
      ({"gr_probability": 0.3, "gr_probability_end": 1.0, "max_steps": 6}, _drawn(0.3, 1.0, 6)),
-     ({"max_grad_norm": 0.05, "gr_diagnostics_steps": 1}, ["gr"] * 4)],
-    ids=["every-step", "zero-warmup", "interval-2", "probability-0.5", "probability-ramp", "clipped-diagnosed"],
+     ({"max_grad_norm": 0.05, "gr_diagnostics_steps": 1}, ["gr"] * 4),
+     ({"gr_warmup_strategy": "lambda", "gr_warmup_steps": 2}, ["plain", "alpha=0.5", "gr", "gr"])],
+    ids=["every-step", "zero-warmup", "interval-2", "probability-0.5", "probability-ramp", "clipped-diagnosed",
+         "lambda-warmup"],
 )  # fmt: skip
 def test_training_steps_along_the_previous_applied_gradient(tmp_path, accumulation, overrides, kinds):
     model, data = TinyNet(), DictDataset(96)
@@ -118,7 +124,7 @@ def test_training_steps_along_the_previous_applied_gradient(tmp_path, accumulati
     assert max_rel_err(params_of(model), [w.float() for w in want]) < 1e-5
     # gr_sharpness needs L(θ), which a one-pass step does not compute: logged only for two-pass GR steps
     sharp = [e["step"] for e in trainer.state.log_history if "gr_sharpness" in e]
-    assert sharp == [i + 1 for i, (kind, n) in enumerate(zip(kinds, passes)) if kind == "gr" and n == 2 * accumulation]
+    assert sharp == [i + 1 for i, (kind, n) in enumerate(zip(kinds, passes)) if kind != "plain" and n > accumulation]
 
 
 def test_evaluation_between_steps_sees_theta_not_the_perturbed_point(tmp_path):
