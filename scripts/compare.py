@@ -567,6 +567,11 @@ def run_study(config: dict[str, Any], pool: int | None) -> list[str]:
                     failures.append(f"{arm} seed {seed} differs from its record: {difference}")
                 if not differences:
                     say(f"{arm} seed {seed}: identical to its record (metrics, steps, weights)")
+                study.data.setdefault("rechecks", []).append(
+                    {"arm": arm, "seed": seed, "identical": not differences, "differences": differences,
+                     "commit": env.get("commit"), "dirty": env.get("dirty")}
+                )  # fmt: skip
+                study.save()
     todo = pending(config, study)
     say(f"{len(todo)} runs to do, {len(study.data['runs'])} recorded; {size} at a time")
 

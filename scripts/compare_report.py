@@ -185,15 +185,24 @@ def environment_text(runs: list[dict[str, Any]]) -> str:
 
 
 def determinism_text(data: dict[str, Any]) -> str:
-    check = data.get("determinism")
-    if not check:
-        return "Not checked."
-    verdict = "bitwise identical" if check["identical"] else "DIFFERENT"
-    return (
-        f"{check['arm']} with seed {check['seed']}, {check['max_steps']} optimizer steps, run twice in this "
-        f"environment: final weights {verdict} (model.safetensors sha256 {check['sha256'][0][:16]}… and "
-        f"{check['sha256'][1][:16]}…)."
-    )
+    """The determinism check (one short run twice) and every re-run of a recorded cell (`--arms`, `--seeds`)."""
+    check, lines = data.get("determinism"), []
+    if check:
+        verdict = "bitwise identical" if check["identical"] else "DIFFERENT"
+        lines.append(
+            f"{check['arm']} with seed {check['seed']}, {check['max_steps']} optimizer steps, run twice in this "
+            f"environment: final weights {verdict} (model.safetensors sha256 {check['sha256'][0][:16]}… and "
+            f"{check['sha256'][1][:16]}…)."
+        )
+    for again in data.get("rechecks", []):
+        code = f"code at commit {str(again.get('commit'))[:10]}" + (", uncommitted changes" if again["dirty"] else "")
+        verdict = (
+            "identical to its record: every final metric but the timings, the step count and the weights' SHA-256"
+            if again["identical"]
+            else "DIFFERENT from its record: " + "; ".join(again["differences"])
+        )
+        lines.append(f"Re-run of {again['arm']} seed {again['seed']} ({code}): {verdict}.")
+    return "\n\n".join(lines) if lines else "Not checked."
 
 
 FEW_SEEDS = 5  # below this many paired seeds the report and compare.py warn

@@ -319,3 +319,27 @@ def test_the_report_lists_a_shared_environment_once_and_names_what_differs():
     assert text.endswith("(differing between runs: numpy; code at commit(s) abc, def.)")
     same = compare_report.environment_text(runs[:1])
     assert same.endswith("(the same for every run; code at commit(s) abc.)") and "- load_average" in same
+
+
+def test_a_rerun_of_a_recorded_cell_is_checked_and_recorded(study, capsys):
+    """`--arms plain --seeds 0` re-runs that cell beside the study and compares it with its record, bit for bit; the
+    outcome is kept in the JSON and the report. A record that no longer matches is named, and the exit code is 1."""
+    tmp_path, config = study
+    path = tmp_path / "docs" / "ab.json"
+    original = path.read_text()
+    try:
+        assert compare.main([str(config), "--arms", "plain", "--seeds", "0"]) == 0
+        assert "plain seed 0: identical to its record (metrics, steps, weights)" in capsys.readouterr().out
+        (check,) = json.loads(path.read_text())["rechecks"]
+        assert check["identical"] and check["differences"] == [] and (check["arm"], check["seed"]) == ("plain", 0)
+        assert "Re-run of plain seed 0 (code at commit" in (tmp_path / "docs" / "ab.md").read_text()
+        data = json.loads(path.read_text())
+        record = next(r for r in data["runs"] if (r["arm"], r["seed"]) == ("plain", 0))
+        record["metrics"]["test_error_rate"] += 0.01  # a record the re-run cannot reproduce
+        path.write_text(json.dumps(data))
+        assert compare.main([str(config), "--arms", "plain", "--seeds", "0"]) == 1
+        assert "not done: plain seed 0 differs from its record: test_error_rate: recorded" in capsys.readouterr().err
+        assert "Re-run of plain seed 0 (code at commit" in (tmp_path / "docs" / "ab.md").read_text()
+        assert "DIFFERENT from its record: test_error_rate" in (tmp_path / "docs" / "ab.md").read_text()
+    finally:
+        path.write_text(original)
