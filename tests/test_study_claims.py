@@ -203,4 +203,4 @@ def test_the_pre_registered_regimes_held_out_error_is_the_pilots():
     runs = json.loads((ROOT / "docs" / "study-v4-pilot.json").read_text())["runs"]
     error = statistics.mean(100 * r["metrics"]["eval_error_rate"] for r in runs if r["arm"] == "plain")
     assert round(error) == 55
-    assert "a held-out error near 10-16 % instead of about 55 % (the pilot's validation error)" in README
+    assert "a held-out error near 10–16 % instead of about 55 % (the pilot's validation error)" in README
