@@ -442,7 +442,8 @@ def figure(config: dict[str, Any], data: dict[str, Any], histories: dict[str, An
             if not pairs:
                 continue
             steps = sorted(set.intersection(*(set(x) & set(y) for x, y in pairs)))
-            steps = [s for s in steps if all(y[s] != 0 for _, y in pairs)]
+            # a step where a value was not measured (NaN, as ‖Δθ‖/lr at step 1) or the reference is 0 is left out
+            steps = [s for s in steps if all(math.isfinite(x[s] - y[s]) and y[s] != 0 for x, y in pairs)]
             stats = [cs.paired([100 * (x[s] - y[s]) / abs(y[s]) for x, y in pairs]) for s in steps]
             name = f"{label(config, a)} − {label(config, b)} ({len(pairs)} seeds)"
             _band(ax, steps, stats, f"C{i}", name)

@@ -79,7 +79,7 @@ def write_config(tmp_path, **changes):
         "metrics": ["test_error_rate", "eval_loss"],
         "pairs": [["gr", "plain"]],
         "per_step": {
-            "keys": ["gr_grad_norm", "adaptive_psi_mean"],
+            "keys": ["gr_grad_norm", "adaptive_psi_mean", "update_size"],  # update_size: NaN at step 1
             "pairs": [["gr", "plain"]],
             "windows": {"early": [1, 3], "late": [4, 6]},
         },  # fmt: skip
