@@ -140,7 +140,7 @@ class GradientRegularizer:
         self._accumulation = gradient_accumulation_steps or 1
         self.planner = schedule.StepPlanner(args, int(seed if seed is not None else getattr(args, "seed", 0) or 0))
         self.passes = GRPasses(model, accelerator, args)
-        self.passes.begin_training(optimizer)
+        self.passes.begin_training(optimizer, self.passes.trainable())
         self.metrics: Callable[[str, torch.Tensor], None] | None = None
         self._completed_steps = 0  # optimizer steps taken through `backward`
         self._warmup_count = 0  # of which the LR schedule took (those the fp16 scaler did not skip)

@@ -209,7 +209,8 @@ class GRMixin:
         """At train start: say how GR runs, warn about W = 0, and record the settings (warning when a resume
         changed them)."""
         main = self.is_local_process_zero()
-        self.gr_passes.begin_training(self.optimizer)  # D, with previous_step: the gradient each step applies
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # this train()'s model (`model_init`)
+        self.gr_passes.begin_training(self.optimizer, trainable)  # D, with previous_step: each step's gradient
         if main:
             logger.info("GR: %s.", setup.mode(self))
         if main and self.gr_warmup is not None and self.gr_warmup_length() == 0:

@@ -381,3 +381,28 @@ def test_parameters_on_several_devices_are_refused_before_the_first_step(modes):
         GradientRegularizer(model, args=args, optimizer=optimizer)
     del model.extra
     GradientRegularizer(model, args=args, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))  # one device: fine
+
+
+def test_a_trainer_with_model_init_captures_d_of_the_model_each_train_builds(tmp_path):
+    """With `model_init` every `train()` (each `hyperparameter_search` trial) builds a new model: D is read from its
+    parameters, not those of the model the trainer was made with; both runs equal the reference."""
+    data = DictDataset(96)
+    trainer = _Counting(model_init=lambda trial=None: TinyNet(), args=_args(tmp_path), train_dataset=data)
+    want, passes = reference(data, ["gr"] * 4)
+    for run in range(2):
+        trainer.counted = []
+        trainer.train()
+        assert trainer.counted == passes, run
+        assert max_rel_err(params_of(trainer.model), [w.float() for w in want]) < 1e-5, run
+
+
+def test_a_rank_without_trainable_elements_captures_an_empty_d():
+    """An FSDP2 rank can hold empty shards of every trainable parameter: D is empty, and capturing it works."""
+    params = [torch.nn.Parameter(torch.empty(0)), torch.nn.Parameter(torch.empty(0, 3))]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    direction = previous.PreviousDirection()
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    direction.attach(optimizer, params)
+    optimizer.step()
+    assert direction.ready and direction.flat.numel() == 0

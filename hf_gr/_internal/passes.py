@@ -63,13 +63,14 @@ class GRPasses:
         """Mark the end of an optimizer step (after the optimizer's `step`, or its skip)."""
         self.previous.step_ended()
 
-    def begin_training(self, optimizer: Any) -> None:
-        """At train start: refuse parameters the flat buffers (LookSAM's u, D) cannot hold, and capture D at each
-        step of `optimizer` with `previous_step`."""
+    def begin_training(self, optimizer: Any, trainable: list[torch.Tensor]) -> None:
+        """At train start: refuse `trainable` parameters the flat buffers (LookSAM's u, D) cannot hold, and capture
+        D at each step of `optimizer` with `previous_step`. The parameters are the caller's: a Trainer with
+        `model_init` builds a new model in `train()`, before this object sees it."""
         if self.args.gr_reuse:
-            sync.check_one_device(self.trainable())
+            sync.check_one_device(trainable)
         if self.args.gr_ascent_direction == "previous_step":
-            self.previous.attach(optimizer, self.trainable())
+            self.previous.attach(optimizer, trainable)
 
     def trainable(self) -> list[torch.Tensor]:
         """The parameters that require a gradient, in `model.parameters()` order."""

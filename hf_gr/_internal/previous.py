@@ -66,8 +66,9 @@ class PreviousDirection:
                     view.zero_()
                 else:
                     view.copy_(sync.local_shards([p.grad])[0])
-            low, high = torch.aminmax(self.flat)  # NaN and ±inf reach one of them; cheaper than isfinite().all()
-            self.flat.masked_fill_(~(torch.isfinite(low) & torch.isfinite(high)), 0.0)
+            if self.flat.numel():  # (an FSDP2 rank may hold no trainable elements)
+                low, high = torch.aminmax(self.flat)  # NaN and ±inf reach one of them; cheaper than isfinite().all()
+                self.flat.masked_fill_(~(torch.isfinite(low) & torch.isfinite(high)), 0.0)
         self.ready, self.fresh, self._divisor = True, True, None
 
     def step_ended(self) -> None:
