@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from killed_run import resumable_args
 from torch.func import functional_call
 
 from hf_gr import GradientRegularizer, GRArguments
@@ -17,6 +16,7 @@ from hf_gr._internal import previous, schedule
 
 from gpu_check_lib import count_host_syncs
 from gr_testing import DictDataset, SequentialGRTrainer, TinyNet, make_args, max_rel_err, params_of, run_torchrun
+from killed_run import resumable_args
 
 BATCH, R = 8, 0.1
 
@@ -203,6 +203,7 @@ def test_a_resume_from_a_checkpoint_without_d_takes_two_passes_then_one(tmp_path
     want, passes = reference(data, ["gr"] * 4, forget=2)
     assert trainer.counted == passes[2:] == [2, 1]
     assert max_rel_err(params_of(resumed), [w.float() for w in want]) < 1e-5
+
 
 @pytest.mark.slow  # a subprocess
 def test_a_run_killed_mid_step_resumes_bit_identically(tmp_path):

@@ -176,6 +176,7 @@ def test_sft_one_pass_sam_steps_along_the_previous_applied_gradient(tmp_path):
     assert max_rel_err(recorder.grads[0], g0) < 1e-5
     assert max_rel_err(recorder.grads[1], g1) < 1e-5
 
+
 def _sft_run(tmp_path, name, trainer_cls, config, **overrides):
     tokenizer = make_tokenizer()
     model = make_lm(tokenizer, dropout=0.1)
