@@ -197,7 +197,7 @@ def determinism_text(data: dict[str, Any]) -> str:
     for again in data.get("rechecks", []):
         code = f"code at commit {str(again.get('commit'))[:10]}" + (", uncommitted changes" if again["dirty"] else "")
         verdict = (
-            "identical to its record: every final metric but the timings, the step count and the weights' SHA-256"
+            "identical to its record (the final metrics, timings aside, the step count and the weights' SHA-256)"
             if again["identical"]
             else "DIFFERENT from its record: " + "; ".join(again["differences"])
         )
