@@ -19,7 +19,7 @@ import gpu_check
 import gpu_check_correctness as correctness
 import gpu_check_lib as lib
 
-MODES = ("plain", "gr", "gr_p0.5", "gr_k4", "gr_k4_reuse", "gr_ascent25", "gr_ascent25_p0.5")
+MODES = ("plain", "gr", "gr_p0.5", "gr_k4", "gr_k4_reuse", "gr_ascent25", "gr_ascent25_p0.5", "gr_previous")
 MODE_KEYS = ("images_per_s", "step_ms", "cost_vs_plain", "peak_memory_mib", "gr_step_fraction", "first_step_s")
 REPRO_RUN_KEYS = ("eval_error", "eval_error_exact_rows", "curve", "epochs_done", "steps", "gr_warmup_steps",
                   "stopped_early_at_step", "train_s", "images_per_s", "final_train_loss")  # fmt: skip

@@ -11,8 +11,9 @@ Writes DIR/gpu_check.json (after every section, so a run cut short keeps what fi
    own GradScaler), dropout masks replayed on the device RNG, a non-finite fp16 step skipped, no host
    sync inside a GR step, one FSDP2 GR step (world size 1, its own process), norms over gradients on two devices.
 2. throughput: images/s of plain training, GR (α = 1), gr_probability 0.5, gr_interval 4, gr_interval 4 +
-   gr_reuse, sub-batch ascent (gr_ascent_fraction 0.25) alone and with gr_probability 0.5, for the paper's ViT-S
-   and ViT-B at batch 256 in bf16, the cost of each over plain, peak memory.
+   gr_reuse, sub-batch ascent (gr_ascent_fraction 0.25) alone and with gr_probability 0.5, one-pass SAM
+   (gr_ascent_direction previous_step), for the paper's ViT-S and ViT-B at batch 256 in bf16, the cost of each
+   over plain, peak memory.
 3. reproduction: the paper's ViT-Ti on the carried CIFAR-10 subset (uint8 on the GPU, flip + reflect-pad-4 crop
    on the GPU): plain AdamW, GR, GR + zero-warmup, as many epochs as fit the time left; test error per run.
 4. compile: plain and GR ViT-S throughput with torch.compile, in its own process (bounded by the time left).
@@ -85,6 +86,7 @@ GR_MODES: dict[str, dict[str, Any] | None] = {  # None: the stock Trainer
     "gr_k4_reuse": {"gr_interval": 4, "gr_reuse": True},
     "gr_ascent25": {"gr_ascent_fraction": 0.25},
     "gr_ascent25_p0.5": {"gr_ascent_fraction": 0.25, "gr_probability": 0.5},
+    "gr_previous": {"gr_ascent_direction": "previous_step"},  # one-pass SAM
 }
 REPRO_RUNS = {
     "plain": {"gr_lambda": 0.0},
