@@ -517,7 +517,8 @@ def run_one(config: dict[str, Any], study: Study, env: dict[str, Any], arm: str,
             slots.put(gpu)
     entry = record(config, arm, seed, env)
     study.add(entry, history_of(path, config))
-    metric = config["metrics"][0]
+    # A pre-registered study (`hypotheses`) shows its validation curve's last value, not a test metric, as it goes.
+    metric = config["curve"] if config.get("hypotheses") else config["metrics"][0]
     say(f"done {arm} seed {seed}: {metric} {entry['metrics'].get(metric, math.nan):.4f}, {entry['wall_s']:.0f} s")
 
 

@@ -109,6 +109,15 @@ def study(tmp_path_factory):
     return tmp_path, config
 
 
+@pytest.mark.slow  # two train.py subprocesses
+def test_a_pre_registered_study_logs_validation_not_test_results_as_it_runs(tmp_path, capsys):
+    config = write_config(tmp_path, seeds=[0], curve="eval_error_rate", per_step={},
+                          hypotheses=[{"name": "H", "pair": ["gr", "plain"]}])  # fmt: skip
+    assert compare.main([str(config)]) == 0
+    done = [line for line in capsys.readouterr().out.splitlines() if " done " in line]
+    assert len(done) == 2 and all(": eval_error_rate 0." in line and "test_" not in line for line in done), done
+
+
 def test_records_hold_metrics_cost_and_environment(study):
     tmp_path, _ = study
     data = json.loads((tmp_path / "docs" / "ab.json").read_text())
