@@ -407,3 +407,22 @@ def test_a_rank_without_trainable_elements_captures_an_empty_d():
     direction.attach(optimizer, params)
     optimizer.step()
     assert direction.ready and direction.flat.numel() == 0
+
+
+class _SyncCounting(SequentialGRTrainer):
+    """Counts host reads inside each `training_step` (the GR passes) of a Trainer run."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        with count_host_syncs() as counts:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        self.reads.append(counts["n"])
+        return loss
+
+
+def test_the_trainers_one_pass_steps_read_nothing_back_to_the_host(tmp_path):
+    """In the Trainer too (logging every 2 steps, so that a step between logs is seen): a one-pass step's
+    `training_step` reads no value back; the first, two-pass step is allowed its set-up."""
+    trainer = _SyncCounting(model=TinyNet(), args=_args(tmp_path, logging_steps=2), train_dataset=DictDataset(96))
+    trainer.reads = []
+    trainer.train()
+    assert len(trainer.reads) == 4 and trainer.reads[1:] == [0, 0, 0]
