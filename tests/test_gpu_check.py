@@ -23,7 +23,8 @@ MODES = ("plain", "gr", "gr_p0.5", "gr_k4", "gr_k4_reuse", "gr_ascent25", "gr_as
 MODE_KEYS = ("images_per_s", "step_ms", "cost_vs_plain", "peak_memory_mib", "gr_step_fraction", "first_step_s")
 REPRO_RUN_KEYS = ("eval_error", "eval_error_exact_rows", "curve", "epochs_done", "steps", "gr_warmup_steps",
                   "stopped_early_at_step", "train_s", "images_per_s", "final_train_loss")  # fmt: skip
-CHECKS = ("fp32", "bf16", "fp16", "dropout_replay", "skipped_step", "host_sync", "fsdp2", "multi_device_norm")
+CHECKS = ("fp32", "bf16", "fp16", "dropout_replay", "skipped_step", "host_sync", "previous_step_host_sync", "fsdp2",
+          "multi_device_norm")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,9 @@ def test_dry_run_correctness_checks_pass(dry_run):
     assert skipped["params_unchanged"] and skipped["scale_backed_off"] and skipped["scheduler_not_stepped"]
     assert skipped["other_steps_taken"] and skipped["scale_after"] == skipped["scale_before"] / 2
     assert c["host_sync"]["python_reads_gr_step"] == 0 and c["host_sync"]["passed"] is True
+    one_pass = c["previous_step_host_sync"]
+    assert one_pass["python_reads_gr_step"] == one_pass["python_reads_stock_step"]  # the optimizer's alone
+    assert one_pass["passes"] == 1 and one_pass["passed"] is True
     assert c["fsdp2"]["gr_step_passed"] is True and c["fsdp2"]["rel_err"] < 1e-6, c["fsdp2"]  # torchrun, world 1
     assert c["fsdp2"]["world_size"] == 1 and "error" not in c["fsdp2"]
     assert c["fsdp2"]["diagnostics_logged"] is True, c["fsdp2"]  # the diagnostics step under FSDP2 ran

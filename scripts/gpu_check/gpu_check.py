@@ -76,8 +76,8 @@ from paper_vit import PAPER_VIT_CONFIGS  # noqa: E402
 log = logging.getLogger("gpu_check")
 DEFAULT_DATA = REPO / "outputs" / "gpu_data" / DATA_FILE
 SECTIONS = ("correctness", "throughput", "reproduction", "compile")
-CORRECTNESS_CHECKS = ("fp32", "bf16", "fp16", "dropout_replay", "skipped_step", "host_sync", "fsdp2",
-                      "multi_device_norm")  # fmt: skip
+CORRECTNESS_CHECKS = ("fp32", "bf16", "fp16", "dropout_replay", "skipped_step", "host_sync",
+                      "previous_step_host_sync", "fsdp2", "multi_device_norm")  # fmt: skip
 GR_MODES: dict[str, dict[str, Any] | None] = {  # None: the stock Trainer
     "plain": None,
     "gr": {},
@@ -225,6 +225,7 @@ def run_correctness(ctx: Context) -> None:
         "dropout_replay": lambda: correctness.dropout_replay(ctx),
         "skipped_step": lambda: correctness.skipped_step(ctx),
         "host_sync": lambda: correctness.host_sync(ctx),
+        "previous_step_host_sync": lambda: correctness.previous_step_host_sync(ctx),
         "fsdp2": lambda: run_worker(ctx, "fsdp2", timeout_s=120.0 if ctx.cuda else 90.0),
         "multi_device_norm": lambda: correctness.multi_device_norm(ctx),
     }

@@ -11,6 +11,8 @@ Each check returns a dict with `passed` (True, False, or None where it does not 
   LR scheduler;
 - `host_sync`: a GR step reads nothing back to the host (Python-level reads counted; on CUDA also
   `torch.cuda.set_sync_debug_mode("error")`);
+- `previous_step_host_sync`: one-pass SAM's step and the optimizer step that keeps its next direction read
+  nothing back to the host either, and take one pass;
 - `multi_device_norm`: `hf_gr._internal.gradient.squared_norm` over gradients on several devices against float64 on
   the CPU.
 
@@ -259,6 +261,59 @@ def host_sync(ctx: Any) -> dict[str, Any]:
     else:
         result["cuda_sync_debug_gr_step"] = result["cuda_sync_debug_stock_step"] = "not applicable: no CUDA"
         result["passed"] = gr_counts["n"] == 0
+    return result
+
+
+def previous_step_host_sync(ctx: Any) -> dict[str, Any]:
+    """One-pass SAM (`gr_ascent_direction="previous_step"`) in a plain loop (fused AdamW and bf16 autocast on CUDA):
+    a GR step along D, with the optimizer step whose hook keeps the next D, reads nothing back to the host beyond
+    what the same loop's plain step reads, and takes one pass."""
+    from hf_gr import GradientRegularizer, GRArguments
+
+    dims = ctx.sizes.check_dims
+    model = make_vit(dims, dropout=0.1, zero_head=False).to(ctx.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ctx.cuda)
+    args = GRArguments(gr_lambda=GR_R, gr_r=GR_R, gr_warmup_strategy="none", gr_ascent_direction="previous_step")
+    regularizer = GradientRegularizer(model, args=args, optimizer=optimizer)
+    batch = {k: v.to(ctx.device) for k, v in stack_rows(random_rows(dims, 8, seed=3)).items()}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ctx.cuda else contextlib.nullcontext()
+    forwards = []
+
+    def loss() -> torch.Tensor:
+        forwards.append(1)
+        with autocast:
+            return model(**batch).loss
+
+    def gr_step() -> None:
+        regularizer.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def stock_step() -> None:
+        loss().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    gr_step()  # no D yet: two passes; it sets D
+    gr_step()  # the one-pass path, warmed up
+    stock_step()
+    forwards.clear()
+    with count_host_syncs() as counts:
+        gr_step()
+    passes = len(forwards)
+    with count_host_syncs() as stock_counts:  # the optimizer's own reads (a non-fused AdamW reads its step count)
+        stock_step()
+    result: dict[str, Any] = {"python_reads_gr_step": counts["n"], "python_reads_stock_step": stock_counts["n"],
+                              "passes": passes}  # fmt: skip
+    same_reads = counts["n"] == stock_counts["n"] and passes == 1
+    if ctx.cuda:
+        result["cuda_sync_debug_gr_step"] = _sync_debug(gr_step)
+        result["cuda_sync_debug_stock_step"] = _sync_debug(stock_step)
+        gr, stock = result["cuda_sync_debug_gr_step"], result["cuda_sync_debug_stock_step"]
+        result["passed"] = same_reads and (gr == "ok" or gr == stock)
+    else:
+        result["cuda_sync_debug_gr_step"] = result["cuda_sync_debug_stock_step"] = "not applicable: no CUDA"
+        result["passed"] = same_reads
     return result
 
 
