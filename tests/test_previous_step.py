@@ -264,7 +264,8 @@ def test_distributed_one_pass_sam_equals_the_single_process_reference(distribute
 
 
 def test_ddp_one_pass_sam_all_reduces_once_per_step(distributed_results):
-    """One bucket through DDP's comm hook per step, as plain training, and no collective of hf_gr's own."""
+    """One bucket through DDP's comm hook per step, as plain training, and no other collective (all-reduce,
+    all-gather, broadcast, ...) of hf_gr's own."""
     assert distributed_results["ddp"]["all_reduces"] == [1, 1, 1, 1]
     assert distributed_results["ddp"]["other_all_reduces"] == [0, 0, 0, 0]
 

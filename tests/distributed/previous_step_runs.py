@@ -3,8 +3,9 @@
 A plain PyTorch loop, accumulation 2, SGD at lr 1, zero-warmup over W = 1 (step 0 plain, so every GR step has a D),
 4 steps; rank r's micro-batch m is rows ((step·2 + m)·2 + r)·4 to +4, so the replicas' mean gradient is the single
 process's on 8 consecutive rows. Writes, from rank 0, a `torch.save` dict to argv[1]: per setting the final
-parameters, the all-reduces per step (DDP: the comm hook's buckets, and any other `dist.all_reduce` call), whether
-every rank held the same D, and D's length against the rank's shards and the whole model (FSDP2).
+parameters, the all-reduces per step (DDP: the comm hook's buckets, and any other collective called through
+`torch.distributed`), whether every rank held the same D, and D's length against the rank's shards and the whole
+model (FSDP2).
 """
 
 import os
@@ -22,6 +23,8 @@ from gr_testing import DictDataset, TinyNet, finish_distributed  # noqa: E402
 
 BATCH, STEPS, ACCUMULATION, R = 4, 4, 2, 0.1
 IN_HOOK = [False]  # set while DDP's comm hook runs its own all-reduce
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "reduce",
+               "all_to_all_single", "barrier")  # fmt: skip
 FIELDS = dict(gr_lambda=R, gr_r=R, gr_warmup_strategy="zero", gr_warmup_steps=1, gr_ascent_direction="previous_step")
 
 
@@ -31,14 +34,18 @@ def loop(model: nn.Module, module: TinyNet, rank: int, world: int, counts: list[
                                       optimizer=optimizer)  # fmt: skip
     fsdp = hasattr(model, "set_requires_gradient_sync")
     data, per_step, forwards, direct, other = DictDataset(96), [], [], [], []
-    original = dist.all_reduce
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
 
-    def counting(*args, **kwargs):  # hf_gr's own collectives, beside the comm hook's buckets
-        if not IN_HOOK[0]:
-            direct.append(1)
-        return original(*args, **kwargs)
+    def counting(original):  # hf_gr's own collectives, beside the comm hook's buckets
+        def counted(*args, **kwargs):
+            if not IN_HOOK[0]:
+                direct.append(1)
+            return original(*args, **kwargs)
 
-    dist.all_reduce = counting
+        return counted
+
+    for name, original in originals.items():
+        setattr(dist, name, counting(original))
     for step in range(STEPS):
         before_reduces, before = (sum(counts) if counts is not None else 0), module.forward_calls
         before_direct = len(direct)
@@ -61,7 +68,8 @@ def loop(model: nn.Module, module: TinyNet, rank: int, world: int, counts: list[
         per_step.append((sum(counts) if counts is not None else 0) - before_reduces)
         other.append(len(direct) - before_direct)
         forwards.append(module.forward_calls - before)
-    dist.all_reduce = original
+    for name, original in originals.items():
+        setattr(dist, name, original)
     same_d = None  # under FSDP2 each rank holds its own shard of D
     if not fsdp:
         d = regularizer.passes.previous.flat.clone()
