@@ -252,6 +252,7 @@ def hypotheses_text(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     holm = cs.holm([s["p"] if s["n"] > 1 else 1.0 for s in stats])
     flips = [cs.holm([cs.sign_flip_p(diffs(runs, *h["pair"], metric)) if s["n"] > 1 else 1.0
                       for h, s in zip(hypotheses, stats)])][0]  # fmt: skip
+    disagree: list[str] = []
     lines = ["| hypothesis | a − b | n | mean | 95 % CI | p | Holm p | sign-flip Holm p | reads |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for h, s, p_holm, p_flip in zip(hypotheses, stats, holm, flips):
@@ -261,6 +262,12 @@ def hypotheses_text(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         pair = f"{label(config, h['pair'][0])} − {label(config, h['pair'][1])}"
         lines.append(f"| {h['name']} | {pair} | {s['n']} | {s['mean']:+.2f} | {_ci(s, '+.2f')} | {s['p']:.3g} | "
                      f"{p_holm:.3g} | {p_flip:.3g} | {reads} |")  # fmt: skip
+        if s["n"] > 1 and (p_holm < cs.ALPHA) != (p_flip < cs.ALPHA):
+            disagree.append(f"**{h['name']}: the tests disagree.** The t-test's Holm p is {p_holm:.3g}, the sign-flip "
+                            f"test's {p_flip:.3g}; only one of them is below {cs.ALPHA}.")  # fmt: skip
+    agreement = ("\n" + "\n\n".join(disagree) + "\n" if disagree
+                 else "\nThe sign-flip test agrees with the t-test on every hypothesis.\n"
+                 if all(s["n"] > 1 for s in stats) else "")  # fmt: skip
     return f"""
 ### The pre-registered tests ({metric}{unit(metric)})
 
@@ -268,7 +275,7 @@ Two-sided paired t-tests, Holm-adjusted over the {len(hypotheses)} hypotheses; t
 (Holm-adjusted too) as a sensitivity check. A hypothesis reads "lower"/"higher" only when its Holm p < 0.05.
 
 {chr(10).join(lines)}
-"""
+{agreement}"""
 
 
 def diffs(runs: list[dict[str, Any]], a: str, b: str, key: str) -> list[float]:

@@ -289,6 +289,25 @@ def test_holm_sign_flip_and_power_against_independent_values():
     assert cs.paired_t_power(8, 1.0, 1.2, 0.025) == pytest.approx(simulated, abs=0.01)
 
 
+def test_the_report_says_where_the_sign_flip_test_disagrees_with_the_t_test():
+    import compare_report
+
+    config = {"metrics": ["test_error_rate"], "hypotheses": [{"name": "H1", "pair": ["gr", "plain"]}]}
+
+    def runs(gaps: list[float]) -> list[dict]:
+        plain = [{"arm": "plain", "seed": s, "metrics": {"test_error_rate": 0.5}} for s in range(len(gaps))]
+        return plain + [{"arm": "gr", "seed": s, "metrics": {"test_error_rate": 0.5 + g}} for s, g in enumerate(gaps)]
+
+    # 5 seeds, all +1.0..1.4 points: t p ≈ 1e-4, but 5 sign flips cannot go below 2/32 = 0.0625
+    gaps = [0.010, 0.011, 0.012, 0.013, 0.014]
+    assert stats.ttest_1samp([100 * g for g in gaps], 0.0).pvalue < 0.05 and 2 / 32 > 0.05
+    text = compare_report.hypotheses_text(config, runs(gaps))
+    assert "**H1: the tests disagree.** The t-test's Holm p is" in text and "sign-flip test's 0.0625" in text
+    # 8 seeds the same way: both below 0.05 (sign flip 2/256)
+    text = compare_report.hypotheses_text(config, runs(gaps + [0.010, 0.012, 0.011]))
+    assert "disagree" not in text and "The sign-flip test agrees with the t-test on every hypothesis." in text
+
+
 def test_the_report_warns_of_few_seeds_and_gives_the_pre_registered_tests(study):
     tmp_path, _ = study
     text = (tmp_path / "docs" / "ab.md").read_text()
