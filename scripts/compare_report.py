@@ -111,8 +111,30 @@ def arm_table(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def role(config: dict[str, Any], a: str, b: str, metric: str | None = None) -> str:
+    """What a pre-registered study (`hypotheses`) planned a row to be: "primary (H…)" for a hypothesis's pair and
+    primary metric, "secondary" for its pair and a `secondary` metric or a per-step window (metric None), else
+    "exploratory"."""
+    for h in config.get("hypotheses") or []:
+        if list(h["pair"]) == [a, b]:
+            if metric == config["metrics"][0]:
+                return f"primary ({h['name']})"
+            return "secondary" if metric is None or metric in (config.get("secondary") or []) else "exploratory"
+    return "exploratory"
+
+
+ROLES_TEXT = """
+The last column is what the study's protocol planned each row to be: **primary**, a pre-registered hypothesis
+(tested below, Holm-adjusted; its p here is unadjusted); **secondary**, a pre-registered secondary outcome, reported
+with its unadjusted p and no claim beyond it; **exploratory**, everything the protocol did not plan (so are the
+per-arm table, the validation curves, the wall times and the pass counts).
+"""
+
+
 def pair_table(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
-    lines = ["| a − b | metric | n | mean | SE | 95 % CI | p | reads |", "|---|---|---|---|---|---|---|---|"]
+    roles = bool(config.get("hypotheses"))
+    lines = ["| a − b | metric | n | mean | SE | 95 % CI | p | reads |" + (" role |" if roles else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if roles else "")]  # fmt: skip
     for a, b in config["pairs"]:
         for metric in config["metrics"]:
             s = paired_metric(runs, a, b, metric)
@@ -123,15 +145,18 @@ def pair_table(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {label(config, a)} − {label(config, b)} | {metric}{unit(metric)} | {s['n']} | {s['mean']:+.2f} "
                 f"| {se} | {_ci(s, '+.2f')} | {p} | {cs.claim(s)} |"
+                + (f" {role(config, a, b, metric)} |" if roles else "")
             )
     return "\n".join(lines)
 
 
 def window_table(config: dict[str, Any], runs: list[dict[str, Any]], histories: dict[str, Any]) -> str:
     per_step = config.get("per_step") or {}
+    roles = bool(config.get("hypotheses"))
     lines = [
-        "| a − b | statistic | window (steps) | b's mean | a − b | 95 % CI | p | (a − b)/b, 95 % CI | reads |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| a − b | statistic | window (steps) | b's mean | a − b | 95 % CI | p | (a − b)/b, 95 % CI | reads |"
+        + (" role |" if roles else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if roles else ""),
     ]
     for a, b in per_step.get("pairs", []):
         for key in per_step.get("keys", []):
@@ -144,6 +169,7 @@ def window_table(config: dict[str, Any], runs: list[dict[str, Any]], histories: 
                 lines.append(
                     f"| {label(config, a)} − {label(config, b)} | {key} | {name} ({window[0]}–{window[1]}) "
                     f"| {base:.4g} | {s['mean']:+.4g} | {_ci(s, '+.3g')} | {p} | {relative} | {cs.claim(s, '+.3g')} |"
+                    + (f" {role(config, a, b)} |" if roles else "")
                 )
     return "\n".join(lines)
 
@@ -343,7 +369,7 @@ is called "lower" or "higher" only when p < 0.05; otherwise there is no evidence
 interval says how large one could still be.
 
 {pair_table(config, runs) if runs else "No runs yet."}
-{few_seeds_text(config, runs)}{hypotheses_text(config, runs)}
+{ROLES_TEXT if config.get("hypotheses") else ""}{few_seeds_text(config, runs)}{hypotheses_text(config, runs)}
 ## Per arm (mean ± standard deviation over seeds)
 
 {arm_table(config, runs) if runs else "No runs yet."}

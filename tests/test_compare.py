@@ -249,6 +249,8 @@ def test_bad_configurations_are_refused_by_name(tmp_path):
         compare.load_config(write_config(tmp_path, pairs=[["gr", "nope"]]))
     with pytest.raises(compare.ConfigError, match="unknown key.*arm_list"):
         compare.load_config(write_config(tmp_path, arm_list=[]))
+    with pytest.raises(compare.ConfigError, match="'secondary' must list metrics of 'metrics' after the first"):
+        compare.load_config(write_config(tmp_path, secondary=["test_loss"]))  # not among the metrics, no hypotheses
     config = compare.load_config(write_config(tmp_path))
     config["data"]["splits"]["test"] = ["digits.parquet", 150, 200]
     with pytest.raises(compare.ConfigError, match="validation rows 96–160 of digits.parquet overlap test.s"):
@@ -306,6 +308,28 @@ def test_the_report_says_where_the_sign_flip_test_disagrees_with_the_t_test():
     # 8 seeds the same way: both below 0.05 (sign flip 2/256)
     text = compare_report.hypotheses_text(config, runs(gaps + [0.010, 0.012, 0.011]))
     assert "disagree" not in text and "The sign-flip test agrees with the t-test on every hypothesis." in text
+
+
+def test_a_pre_registered_reports_rows_say_what_the_protocol_planned_them_to_be():
+    import compare_report
+
+    config = {"metrics": ["test_error_rate", "test_loss", "train_clean_error_rate"], "secondary": ["test_loss"],
+              "pairs": [["gr", "plain"], ["zero", "plain"]], "labels": {},
+              "hypotheses": [{"name": "H1", "pair": ["gr", "plain"]}]}  # fmt: skip
+    runs = [{"arm": arm, "seed": s, "metrics": {"test_error_rate": 0.5 + 0.01 * s * (arm != "plain"),
+                                                 "test_loss": 1.0 + 0.1 * s, "train_clean_error_rate": 0.1}}
+            for arm in ("plain", "gr", "zero") for s in range(3)]  # fmt: skip
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line.strip("|").split("|")[-1].strip()
+            for line in compare_report.pair_table(config, runs).splitlines()[2:]}  # fmt: skip
+    assert rows == {("gr − plain", "test_error_rate (%)"): "primary (H1)", ("gr − plain", "test_loss"): "secondary",
+                    ("gr − plain", "train_clean_error_rate (%)"): "exploratory",
+                    ("zero − plain", "test_error_rate (%)"): "exploratory",
+                    ("zero − plain", "test_loss"): "exploratory",
+                    ("zero − plain", "train_clean_error_rate (%)"): "exploratory"}  # fmt: skip
+    assert compare_report.role(config, "gr", "plain") == "secondary"  # a per-step window of a hypothesis's pair
+    assert compare_report.role(config, "plain", "gr", "test_error_rate") == "exploratory"  # the reversed pair
+    del config["hypotheses"]
+    assert "role" not in compare_report.pair_table(config, runs)  # a study that pre-registered nothing
 
 
 def test_the_report_warns_of_few_seeds_and_gives_the_pre_registered_tests(study):
