@@ -251,6 +251,8 @@ def test_bad_configurations_are_refused_by_name(tmp_path):
         compare.load_config(write_config(tmp_path, arm_list=[]))
     with pytest.raises(compare.ConfigError, match="'secondary' must list metrics of 'metrics' after the first"):
         compare.load_config(write_config(tmp_path, secondary=["test_loss"]))  # not among the metrics, no hypotheses
+    with pytest.raises(compare.ConfigError, match="'secondary' must list metrics"):
+        compare.load_config(write_config(tmp_path, secondary=[{"test_loss": 1}]))
     config = compare.load_config(write_config(tmp_path))
     config["data"]["splits"]["test"] = ["digits.parquet", 150, 200]
     with pytest.raises(compare.ConfigError, match="validation rows 96–160 of digits.parquet overlap test.s"):
@@ -321,6 +323,8 @@ def test_a_pre_registered_reports_rows_say_what_the_protocol_planned_them_to_be(
             for arm in ("plain", "gr", "zero") for s in range(3)]  # fmt: skip
     rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line.strip("|").split("|")[-1].strip()
             for line in compare_report.pair_table(config, runs).splitlines()[2:]}  # fmt: skip
+    table = compare_report.pair_table(config, runs)
+    assert "| primary (H1) |" in table and table.count("see the pre-registered tests below (Holm-adjusted)") == 1
     assert rows == {("gr − plain", "test_error_rate (%)"): "primary (H1)", ("gr − plain", "test_loss"): "secondary",
                     ("gr − plain", "train_clean_error_rate (%)"): "exploratory",
                     ("zero − plain", "test_error_rate (%)"): "exploratory",
