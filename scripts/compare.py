@@ -67,6 +67,7 @@ CONFIG_KEYS = {
     "metrics": "the final metrics compared, the first the primary (e.g. test_error_rate)",
     "pairs": "[a, b] pairs: the report gives a − b paired by seed",
     "hypotheses": "[{name, pair: [a, b]}]: pre-registered tests of the primary metric, Holm-adjusted over the list",
+    "secondary": "with hypotheses: the metrics pre-registered as secondary outcomes of the hypotheses' pairs",
     "curve": "the validation metric drawn against the step (default eval_error_rate)",
     "per_step": "{keys: [...], pairs: [[a, b]], windows: {label: [first, last]}, every_after: n}",
     "determinism": "{arm, seed, max_steps}: run that arm twice and compare the final weights bit for bit",
@@ -129,6 +130,12 @@ def load_config(path: Path, data_source: str | None = None) -> dict[str, Any]:
             raise ConfigError(f"{path}: pair {pair!r} must name two arms of: {', '.join(arms)}.")
     if not isinstance(config["metrics"], list) or not config["metrics"]:
         raise ConfigError(f"{path}: 'metrics' must list the final metrics to compare, e.g. [test_error_rate].")
+    secondary = config.get("secondary") or []
+    if not isinstance(secondary, list) or not all(isinstance(m, str) for m in secondary) or not set(
+            secondary) <= set(config["metrics"][1:]) or (
+            secondary and not hypotheses):  # fmt: skip
+        raise ConfigError(f"{path}: 'secondary' must list metrics of 'metrics' after the first, with 'hypotheses'; "
+                          f"got {secondary!r}.")  # fmt: skip
     determinism = config.get("determinism")
     if determinism is not None and determinism.get("arm") not in arms:
         raise ConfigError(

@@ -111,8 +111,37 @@ def arm_table(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def role(config: dict[str, Any], a: str, b: str, metric: str | None = None) -> str:
+    """What a pre-registered study (`hypotheses`) planned a row to be: "primary (H…)" for a hypothesis's pair and
+    primary metric, "secondary" for its pair and a `secondary` metric or a per-step window (metric None), else
+    "exploratory"."""
+    for h in config.get("hypotheses") or []:
+        if list(h["pair"]) == [a, b]:
+            if metric == config["metrics"][0]:
+                return f"primary ({h['name']})"
+            return "secondary" if metric is None or metric in (config.get("secondary") or []) else "exploratory"
+    return "exploratory"
+
+
+ROLES_TEXT = """
+The last column is what the study's protocol planned each row to be: **primary**, a pre-registered hypothesis
+(tested below, Holm-adjusted; its p here is unadjusted); **secondary**, a pre-registered secondary outcome, reported
+with its unadjusted p and no claim beyond it; **exploratory**, everything the protocol did not plan (so are the
+per-arm table, the validation curves, the wall times and the pass counts).
+"""
+
+
+def reads(config: dict[str, Any], a: str, b: str, metric: str, s: dict[str, Any]) -> str:
+    """A row's reading by its p; a pre-registered hypothesis's row reads by its Holm p, in the tests below."""
+    if role(config, a, b, metric).startswith("primary"):
+        return "see the pre-registered tests below (Holm-adjusted)"
+    return cs.claim(s)
+
+
 def pair_table(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
-    lines = ["| a − b | metric | n | mean | SE | 95 % CI | p | reads |", "|---|---|---|---|---|---|---|---|"]
+    roles = bool(config.get("hypotheses"))
+    lines = ["| a − b | metric | n | mean | SE | 95 % CI | p | reads |" + (" role |" if roles else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if roles else "")]  # fmt: skip
     for a, b in config["pairs"]:
         for metric in config["metrics"]:
             s = paired_metric(runs, a, b, metric)
@@ -122,16 +151,19 @@ def pair_table(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             se = f"{s['se']:.2f}" if s["n"] > 1 else "–"
             lines.append(
                 f"| {label(config, a)} − {label(config, b)} | {metric}{unit(metric)} | {s['n']} | {s['mean']:+.2f} "
-                f"| {se} | {_ci(s, '+.2f')} | {p} | {cs.claim(s)} |"
+                f"| {se} | {_ci(s, '+.2f')} | {p} | {reads(config, a, b, metric, s)} |"
+                + (f" {role(config, a, b, metric)} |" if roles else "")
             )
     return "\n".join(lines)
 
 
 def window_table(config: dict[str, Any], runs: list[dict[str, Any]], histories: dict[str, Any]) -> str:
     per_step = config.get("per_step") or {}
+    roles = bool(config.get("hypotheses"))
     lines = [
-        "| a − b | statistic | window (steps) | b's mean | a − b | 95 % CI | p | (a − b)/b, 95 % CI | reads |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| a − b | statistic | window (steps) | b's mean | a − b | 95 % CI | p | (a − b)/b, 95 % CI | reads |"
+        + (" role |" if roles else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if roles else ""),
     ]
     for a, b in per_step.get("pairs", []):
         for key in per_step.get("keys", []):
@@ -144,6 +176,7 @@ def window_table(config: dict[str, Any], runs: list[dict[str, Any]], histories: 
                 lines.append(
                     f"| {label(config, a)} − {label(config, b)} | {key} | {name} ({window[0]}–{window[1]}) "
                     f"| {base:.4g} | {s['mean']:+.4g} | {_ci(s, '+.3g')} | {p} | {relative} | {cs.claim(s, '+.3g')} |"
+                    + (f" {role(config, a, b)} |" if roles else "")
                 )
     return "\n".join(lines)
 
@@ -252,6 +285,7 @@ def hypotheses_text(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     holm = cs.holm([s["p"] if s["n"] > 1 else 1.0 for s in stats])
     flips = [cs.holm([cs.sign_flip_p(diffs(runs, *h["pair"], metric)) if s["n"] > 1 else 1.0
                       for h, s in zip(hypotheses, stats)])][0]  # fmt: skip
+    disagree: list[str] = []
     lines = ["| hypothesis | a − b | n | mean | 95 % CI | p | Holm p | sign-flip Holm p | reads |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for h, s, p_holm, p_flip in zip(hypotheses, stats, holm, flips):
@@ -261,6 +295,12 @@ def hypotheses_text(config: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         pair = f"{label(config, h['pair'][0])} − {label(config, h['pair'][1])}"
         lines.append(f"| {h['name']} | {pair} | {s['n']} | {s['mean']:+.2f} | {_ci(s, '+.2f')} | {s['p']:.3g} | "
                      f"{p_holm:.3g} | {p_flip:.3g} | {reads} |")  # fmt: skip
+        if s["n"] > 1 and (p_holm < cs.ALPHA) != (p_flip < cs.ALPHA):
+            disagree.append(f"**{h['name']}: the tests disagree.** The t-test's Holm p is {p_holm:.3g}, the sign-flip "
+                            f"test's {p_flip:.3g}; only one of them is below {cs.ALPHA}.")  # fmt: skip
+    agreement = ("\n" + "\n\n".join(disagree) + "\n" if disagree
+                 else "\nThe sign-flip test agrees with the t-test on every hypothesis.\n"
+                 if all(s["n"] > 1 for s in stats) else "")  # fmt: skip
     return f"""
 ### The pre-registered tests ({metric}{unit(metric)})
 
@@ -268,7 +308,7 @@ Two-sided paired t-tests, Holm-adjusted over the {len(hypotheses)} hypotheses; t
 (Holm-adjusted too) as a sensitivity check. A hypothesis reads "lower"/"higher" only when its Holm p < 0.05.
 
 {chr(10).join(lines)}
-"""
+{agreement}"""
 
 
 def diffs(runs: list[dict[str, Any]], a: str, b: str, key: str) -> list[float]:
@@ -336,7 +376,7 @@ is called "lower" or "higher" only when p < 0.05; otherwise there is no evidence
 interval says how large one could still be.
 
 {pair_table(config, runs) if runs else "No runs yet."}
-{few_seeds_text(config, runs)}{hypotheses_text(config, runs)}
+{ROLES_TEXT if config.get("hypotheses") else ""}{few_seeds_text(config, runs)}{hypotheses_text(config, runs)}
 ## Per arm (mean ± standard deviation over seeds)
 
 {arm_table(config, runs) if runs else "No runs yet."}

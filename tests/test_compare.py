@@ -94,7 +94,7 @@ def report_row(text, metric):
     """(mean, low, high, p, reads) of the report's "gr − plain" row for `metric`."""
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 8 and cells[0] == "gr − plain" and cells[1].startswith(metric):
+        if len(cells) in (8, 9) and cells[0] == "gr − plain" and cells[1].startswith(metric):  # 9: with a role
             low, high = map(float, re.findall(r"[-+][\d.]+", cells[5]))
             return float(cells[3]), low, high, float(cells[6]), cells[7]
     raise AssertionError(f"no gr − plain row for {metric}")
@@ -161,7 +161,10 @@ def test_report_statistics_match_scipy(study):
         assert (low, high) == (pytest.approx(want_low, abs=0.006), pytest.approx(want_high, abs=0.006))
         want_p = stats.ttest_rel([value["gr", s] for s in (0, 1)], [value["plain", s] for s in (0, 1)]).pvalue
         assert p == pytest.approx(want_p, rel=1e-2)
-        assert reads.startswith("no evidence of a difference (95 % CI [") if want_p >= 0.05 else "p = " in reads
+        if metric == "test_error_rate":  # H1's metric and pair: it reads by its Holm p, in the tests' table
+            assert reads == "see the pre-registered tests below (Holm-adjusted)"
+        else:
+            assert reads.startswith("no evidence of a difference (95 % CI [") if want_p >= 0.05 else "p = " in reads
     assert (tmp_path / "docs" / "ab.png").stat().st_size > 10_000
 
     # The per-step window: each run's mean ‖g1‖ over steps 4–6, from its own trainer_state.json, paired by seed.
@@ -249,6 +252,10 @@ def test_bad_configurations_are_refused_by_name(tmp_path):
         compare.load_config(write_config(tmp_path, pairs=[["gr", "nope"]]))
     with pytest.raises(compare.ConfigError, match="unknown key.*arm_list"):
         compare.load_config(write_config(tmp_path, arm_list=[]))
+    with pytest.raises(compare.ConfigError, match="'secondary' must list metrics of 'metrics' after the first"):
+        compare.load_config(write_config(tmp_path, secondary=["test_loss"]))  # not among the metrics, no hypotheses
+    with pytest.raises(compare.ConfigError, match="'secondary' must list metrics"):
+        compare.load_config(write_config(tmp_path, secondary=[{"test_loss": 1}]))
     config = compare.load_config(write_config(tmp_path))
     config["data"]["splits"]["test"] = ["digits.parquet", 150, 200]
     with pytest.raises(compare.ConfigError, match="validation rows 96–160 of digits.parquet overlap test.s"):
@@ -287,6 +294,49 @@ def test_holm_sign_flip_and_power_against_independent_values():
     draws = rng.normal(1.0, 1.2, size=(20000, 8))
     simulated = np.mean(stats.ttest_1samp(draws, 0.0, axis=1).pvalue < 0.025)
     assert cs.paired_t_power(8, 1.0, 1.2, 0.025) == pytest.approx(simulated, abs=0.01)
+
+
+def test_the_report_says_where_the_sign_flip_test_disagrees_with_the_t_test():
+    import compare_report
+
+    config = {"metrics": ["test_error_rate"], "hypotheses": [{"name": "H1", "pair": ["gr", "plain"]}]}
+
+    def runs(gaps: list[float]) -> list[dict]:
+        plain = [{"arm": "plain", "seed": s, "metrics": {"test_error_rate": 0.5}} for s in range(len(gaps))]
+        return plain + [{"arm": "gr", "seed": s, "metrics": {"test_error_rate": 0.5 + g}} for s, g in enumerate(gaps)]
+
+    # 5 seeds, all +1.0..1.4 points: t p ≈ 1e-4, but 5 sign flips cannot go below 2/32 = 0.0625
+    gaps = [0.010, 0.011, 0.012, 0.013, 0.014]
+    assert stats.ttest_1samp([100 * g for g in gaps], 0.0).pvalue < 0.05 and 2 / 32 > 0.05
+    text = compare_report.hypotheses_text(config, runs(gaps))
+    assert "**H1: the tests disagree.** The t-test's Holm p is" in text and "sign-flip test's 0.0625" in text
+    # 8 seeds the same way: both below 0.05 (sign flip 2/256)
+    text = compare_report.hypotheses_text(config, runs(gaps + [0.010, 0.012, 0.011]))
+    assert "disagree" not in text and "The sign-flip test agrees with the t-test on every hypothesis." in text
+
+
+def test_a_pre_registered_reports_rows_say_what_the_protocol_planned_them_to_be():
+    import compare_report
+
+    config = {"metrics": ["test_error_rate", "test_loss", "train_clean_error_rate"], "secondary": ["test_loss"],
+              "pairs": [["gr", "plain"], ["zero", "plain"]], "labels": {},
+              "hypotheses": [{"name": "H1", "pair": ["gr", "plain"]}]}  # fmt: skip
+    runs = [{"arm": arm, "seed": s, "metrics": {"test_error_rate": 0.5 + 0.01 * s * (arm != "plain"),
+                                                 "test_loss": 1.0 + 0.1 * s, "train_clean_error_rate": 0.1}}
+            for arm in ("plain", "gr", "zero") for s in range(3)]  # fmt: skip
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line.strip("|").split("|")[-1].strip()
+            for line in compare_report.pair_table(config, runs).splitlines()[2:]}  # fmt: skip
+    table = compare_report.pair_table(config, runs)
+    assert "| primary (H1) |" in table and table.count("see the pre-registered tests below (Holm-adjusted)") == 1
+    assert rows == {("gr − plain", "test_error_rate (%)"): "primary (H1)", ("gr − plain", "test_loss"): "secondary",
+                    ("gr − plain", "train_clean_error_rate (%)"): "exploratory",
+                    ("zero − plain", "test_error_rate (%)"): "exploratory",
+                    ("zero − plain", "test_loss"): "exploratory",
+                    ("zero − plain", "train_clean_error_rate (%)"): "exploratory"}  # fmt: skip
+    assert compare_report.role(config, "gr", "plain") == "secondary"  # a per-step window of a hypothesis's pair
+    assert compare_report.role(config, "plain", "gr", "test_error_rate") == "exploratory"  # the reversed pair
+    del config["hypotheses"]
+    assert "role" not in compare_report.pair_table(config, runs)  # a study that pre-registered nothing
 
 
 def test_the_report_warns_of_few_seeds_and_gives_the_pre_registered_tests(study):
