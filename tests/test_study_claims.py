@@ -4,12 +4,17 @@ figure is looked up in the generated report's window table."""
 
 from __future__ import annotations
 
+import gzip
+import itertools
 import json
+import math
 import re
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +178,12 @@ def test_the_quoted_interval_widths_are_the_records():
 
 
 # The table of every earlier study version: (study records, its row's first cell) → GR − plain and zero − GR.
-VERSIONS = [("study-cpu-short", "[short]"), ("study-cpu-1280", "1,280 steps"), ("study-cpu", "[2,400 steps]")]
+VERSIONS = [
+    ("study-cpu-short", "[short]"),
+    ("study-cpu-1280", "1,280 steps"),
+    ("study-cpu", "[2,400 steps]"),
+    ("study-v4", "[v4]"),
+]
 
 
 @pytest.mark.parametrize("study, row", VERSIONS, ids=[s for s, _ in VERSIONS])
@@ -182,7 +192,8 @@ def test_the_table_of_study_versions_is_the_records(study, row):
     for a, b in (("gr", "plain"), ("zero-warmup", "gr")):
         mean, low, high, _ = _paired(study, a, b)
         assert f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]" in line, (a, b)
-    seeds = len(_metric(study, "plain", "test_error_rate"))
+    arms = ("plain", "gr", "zero-warmup")
+    seeds = len(set.intersection(*(set(_metric(study, arm, "test_error_rate")) for arm in arms)))
     assert f"| {seeds} |" in line
 
 
@@ -214,3 +225,220 @@ def test_the_pre_registered_regimes_held_out_error_is_the_pilots():
     error = statistics.mean(100 * r["metrics"]["eval_error_rate"] for r in runs if r["arm"] == "plain")
     assert round(error) == 55
     assert "a held-out error near 10–16 % instead of about 55 % (the pilot's validation error)" in README
+
+
+# Study v4, the pre-registered one (docs/study-protocol.md).
+V4_CONFIG = yaml.safe_load((ROOT / "configs" / "study" / "v4.yaml").read_text())
+V4_RUNS = json.loads((ROOT / "docs" / "study-v4.json").read_text())
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_the_protocol_predates_every_v4_record():
+    """The protocol's last change is an ancestor of the first commit that holds a v4 record."""
+    if _git("rev-parse", "--is-shallow-repository").stdout.strip() != "false":
+        pytest.skip("needs the whole git history (not a shallow clone or an export)")
+    protocol = _git("log", "-1", "--format=%H", "--", "docs/study-protocol.md").stdout.strip()
+    first = _git("log", "--reverse", "--format=%H", "--", "docs/study-v4.json").stdout.split()[0]
+    assert protocol != first and _git("merge-base", "--is-ancestor", protocol, first).returncode == 0
+    assert json.loads(_git("show", f"{first}:docs/study-v4.json").stdout)["runs"]  # that commit holds a record
+    assert "configs/study/v4.yaml" in _git("show", "--name-only", "--format=", protocol).stdout
+
+
+def _v4_in_progress() -> bool:
+    """The README says so while the study runs; once it does not, the study must be complete."""
+    return "**The pre-registered study (v4, in progress).**" in README
+
+
+def _v4_seeds() -> int:
+    """How many seeds all three arms have recorded."""
+    return len(set.intersection(*(set(_metric("study-v4", arm, "test_error_rate")) for arm in V4_CONFIG["arms"])))
+
+
+def test_the_v4_study_is_complete_with_finite_results_and_full_environments():
+    runs = V4_RUNS["runs"]
+    assert _v4_in_progress() == (len(runs) < 36)
+    if _v4_in_progress():
+        pytest.skip(f"study v4 in progress: {len(runs)} of 36 runs recorded")
+    assert len(V4_CONFIG["seeds"]) == 12  # the protocol's n
+    assert sorted((r["arm"], r["seed"]) for r in runs) == sorted(
+        itertools.product(V4_CONFIG["arms"], V4_CONFIG["seeds"])
+    )
+    for run in runs:
+        assert all(math.isfinite(run["metrics"][key]) for key in V4_CONFIG["metrics"]), (run["arm"], run["seed"])
+        env = run["environment"]
+        assert {"torch", "transformers", "accelerate", "datasets", "numpy", "pyarrow", "pillow"} <= set(
+            env["packages"]
+        )
+        assert env["data_sha256"] and all(re.fullmatch(r"[0-9a-f]{64}", h) for h in env["data_sha256"].values())
+        assert re.fullmatch(r"[0-9a-f]{40}", env["commit"]) and env["dirty"] is False
+        load = env["load_average_at_start"]
+        assert env["threads"] == 1 and len(load) == 3 and all(math.isfinite(x) for x in load)
+
+
+def test_the_v4_regime_in_the_table_of_versions_is_the_configurations():
+    """0.8 M parameters, 2,000 images × 2,400 steps: the training rows and the steps the configuration gives."""
+    base, (_, first, end) = V4_CONFIG["base"], V4_CONFIG["data"]["splits"]["train"]
+    steps = base["num_train_epochs"] * math.ceil((end - first) / base["per_device_train_batch_size"])
+    line = next(x for x in README_LINES if x.startswith("| [v4]"))
+    assert f"| 0.8 M parameters, {end - first:,} images × {steps:,} steps |" in line
+    assert "hidden_size=128,num_hidden_layers=6" in base["config_overrides"]  # the 0.82 M-parameter ViT of the pilot
+
+
+def test_the_v4_configuration_changed_after_the_first_record_only_by_a_reporting_key():
+    """The regime, arms, seeds, tests and windows are as they were when the first run started; the one line added
+    since labels report rows (`secondary`)."""
+    if _git("rev-parse", "--is-shallow-repository").stdout.strip() != "false":
+        pytest.skip("needs the whole git history (not a shallow clone or an export)")
+    first = _git("log", "--reverse", "--format=%H", "--", "docs/study-v4.json").stdout.split()[0]
+    diff = _git("diff", "-U0", first, "--", "configs/study/v4.yaml").stdout.splitlines()
+    changed = [x for x in diff if x[:1] in "+-" and not x.startswith(("+++", "---"))]
+    assert all(x.startswith("+secondary: [test_loss]") for x in changed), changed
+
+
+def test_the_v4_re_run_of_plain_seed_0_matched_its_record_bit_for_bit():
+    if _v4_in_progress():
+        pytest.skip("study v4 in progress: the re-run follows the last run")
+    checks = [c for c in V4_RUNS.get("rechecks", []) if (c["arm"], c["seed"]) == ("plain", 0)]
+    assert checks and all(c["identical"] and c["differences"] == [] and c["dirty"] is False for c in checks)
+
+
+def _holm(p_values: list[float]) -> list[float]:
+    order, adjusted, running = sorted(range(len(p_values)), key=lambda i: p_values[i]), [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def _sign_flip(diffs: list[float]) -> float:
+    observed = abs(sum(diffs)) * (1 - 1e-12)
+    patterns = list(itertools.product((1, -1), repeat=len(diffs)))
+    return sum(abs(sum(s * d for s, d in zip(signs, diffs))) >= observed for signs in patterns) / len(patterns)
+
+
+def _p_text(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
+
+
+HYPOTHESES = [("H1 (harm)", "GR - plain", "gr", "plain"), ("H2 (repair)", "zero-warmup - GR", "zero-warmup", "gr")]
+
+
+def test_the_pre_registered_hypotheses_are_worded_by_their_holm_adjusted_tests():
+    results = [_paired("study-v4", a, b) for _, _, a, b in HYPOTHESES]
+    holm = _holm([r[3] for r in results])
+    for (name, pair, _, _), (mean, low, high, _), p in zip(HYPOTHESES, results, holm):
+        reading = ("higher" if mean > 0 else "lower") if p < 0.05 else (
+            f"no evidence of a difference (95 % CI [{low:+.2f}, {high:+.2f}])")  # fmt: skip
+        assert (
+            f"**{name}: {pair} {mean:+.2f} (95 % CI [{low:+.2f}, {high:+.2f}]), Holm {_p_text(p)}: {reading}.**"
+            in README
+        )
+    diffs = []
+    for _, _, a, b in HYPOTHESES:
+        xa, xb = _metric("study-v4", a, "test_error_rate"), _metric("study-v4", b, "test_error_rate")
+        diffs.append([100 * (xa[seed] - xb[seed]) for seed in sorted(xa.keys() & xb.keys())])
+    flips = _holm([_sign_flip(d) for d in diffs])
+    agree = all((p < 0.05) == (f < 0.05) for p, f in zip(holm, flips))
+    verb = "agrees" if agree else "disagrees"
+    assert f"sensitivity check, {verb}: Holm p = {flips[0]:.2g} and {flips[1]:.2g}" in README
+
+
+def test_the_v4_secondary_and_exploratory_numbers_are_the_records():
+    for text, a, b in (("test NLL GR - plain", "gr", "plain"), ("zero-warmup - GR", "zero-warmup", "gr")):
+        mean, low, high, p = _paired("study-v4", a, b, "test_loss", 1)
+        assert f"{text} {mean:+.2f} ([{low:+.2f}, {high:+.2f}], {_p_text(p)})" in README
+    mean, low, high, p = _paired("study-v4", "zero-warmup", "plain")
+    assert (
+        f"Exploratory: zero-warmup - plain {mean:+.2f} ([{low:+.2f}, {high:+.2f}], {_p_text(p)} unadjusted)" in README
+    )
+    mean, low, high, p = _paired("study-v4", "gr", "plain", "train_clean_error_rate")
+    assert f"clean training images {mean:+.1f} points ([{low:+.1f}, {high:+.1f}], {_p_text(p)} unadjusted)" in README
+    test, train = (100 * statistics.mean(_metric("study-v4", "plain", key).values())
+                   for key in ("test_error_rate", "train_clean_error_rate"))  # fmt: skip
+    assert f"Plain AdamW erred on {test:.1f} % of them and on {train:.1f} % of its own training images" in README
+    assert f"3 arms × {_v4_seeds()} seeds" in README and _v4_seeds() == len(V4_CONFIG["seeds"])
+
+
+def test_the_v4_mechanism_table_sits_beside_its_pairs_and_is_the_histories():
+    """Each README cell, recomputed from the committed per-step histories: each run's mean of the statistic over
+    the window, per seed 100·(a − b)/|b|, their mean and 95 % t-interval ("no evidence" when it contains 0); the
+    columns name the pair and the window (the protocol's, as in the configuration)."""
+    histories = json.loads(gzip.decompress((ROOT / "docs" / "study-v4-histories.json.gz").read_bytes()))
+    windows = {name: tuple(bounds) for name, bounds in V4_CONFIG["per_step"]["windows"].items()}
+    assert windows == {"LR warmup": (1, 312), "W–2W": (313, 624)}  # the protocol's
+    arms = {"GR - plain": ("gr", "plain"), "zero-warmup - GR": ("zero-warmup", "gr")}
+
+    def window_mean(history: dict, key: str, first: int, last: int) -> float | None:
+        values = [v for step, v in zip(*history.get(key, [[], []])) if first <= step <= last and math.isfinite(v)]
+        return sum(values) / len(values) if values else None
+
+    header = next(x for x in README_LINES if x.startswith("| statistic | GR - plain, LR warmup"))
+    columns = []
+    for title in [c.strip() for c in header.strip("|").split("|")[1:]]:
+        pair, window = title.split(", ")
+        name, bounds = window.split(" (")
+        assert tuple(int(x) for x in bounds.rstrip(")").split("–")) == windows[name]
+        columns.append((arms[pair], windows[name]))
+    keys = {"‖g1‖": "gr_grad_norm", "‖g2‖": "gr_perturbed_grad_norm", "mean of ψ": "adaptive_psi_mean",
+            "variance of ψ": "adaptive_psi_var", "variance of ln ψ (scale-free)": "adaptive_lr_log_var",
+            "update size ‖Δθ‖/lr": "update_size"}  # fmt: skip
+    assert set(keys.values()) == set(V4_CONFIG["per_step"]["keys"])
+    numbers = 0
+    for name, key in keys.items():
+        line = next(x for x in README_LINES if x.startswith(f"| {name} |"))
+        for ((a, b), (first, last)), cell in zip(columns, [c.strip() for c in line.strip("|").split("|")[1:]]):
+            relative = []
+            for seed in V4_CONFIG["seeds"]:
+                ha, hb = histories.get(f"{a}-seed{seed}"), histories.get(f"{b}-seed{seed}")
+                ma = window_mean(ha, key, first, last) if ha else None
+                mb = window_mean(hb, key, first, last) if hb else None
+                if ma is not None and mb is not None:
+                    relative.append(100 * (ma - mb) / abs(mb))
+            if not relative:
+                assert cell == "—", (name, a, b, first)
+                continue
+            low, high = stats.t.interval(0.95, len(relative) - 1, statistics.mean(relative), stats.sem(relative))
+            mean = statistics.mean(relative)
+            expected = (f"no evidence ([{low:+.1f}, {high:+.1f}] %)" if low <= 0 <= high
+                        else f"{mean:+.1f} % [{low:+.1f}, {high:+.1f}]")  # fmt: skip
+            assert cell == expected, (name, a, b, first)
+            numbers += 1
+    assert numbers >= 20
+
+
+def _committed_reports() -> list[Path]:
+    return [path for path in sorted((ROOT / "configs" / "study").glob("*.yaml"))
+            if (ROOT / "docs" / f"{yaml.safe_load(path.read_text())['name']}.md").is_file()]  # fmt: skip
+
+
+@pytest.mark.parametrize("config_path", _committed_reports(), ids=lambda p: p.stem)
+def test_each_committed_report_is_what_report_only_writes(config_path, monkeypatch):
+    """`compare.py CONFIG --report_only` rebuilds each committed study report from its records, character for
+    character (the markdown; the figure is not compared)."""
+    import compare
+    import compare_report
+
+    monkeypatch.chdir(ROOT)
+    config = compare.load_config(config_path.relative_to(ROOT))
+    docs = ROOT / config["docs_dir"]
+    data = json.loads((docs / f"{config['name']}.json").read_text())
+    histories = json.loads(gzip.decompress((docs / f"{config['name']}-histories.json.gz").read_bytes()))
+    assert compare_report.markdown(config, data, histories) == (docs / f"{config['name']}.md").read_text()
+
+
+def test_the_warmup_page_quotes_the_pre_registered_tests():
+    page = _text(ROOT / "docs" / "warmup.md")
+    results = [_paired("study-v4", a, b) for _, _, a, b in HYPOTHESES]
+    holm = _holm([r[3] for r in results])
+    for (who, than), (mean, low, high, _), p in zip([("GR", "plain AdamW"), ("zero-warmup", "GR")], results, holm):
+        if p < 0.05:
+            direction = "higher" if mean > 0 else "lower"
+            expected = f"{who}'s test error was {direction} than {than}'s ({mean:+.2f} points, 95 % CI "
+        else:
+            expected = f"{who} - {than} showed no evidence of a difference (95 % CI "
+        expected += f"[{low:+.2f}, {high:+.2f}], Holm {_p_text(p)})"
+        assert expected in page
+    assert f"AdamW with LR warmup, {_v4_seeds()} seeds)" in page
