@@ -131,9 +131,8 @@ def load_config(path: Path, data_source: str | None = None) -> dict[str, Any]:
     if not isinstance(config["metrics"], list) or not config["metrics"]:
         raise ConfigError(f"{path}: 'metrics' must list the final metrics to compare, e.g. [test_error_rate].")
     secondary = config.get("secondary") or []
-    if not isinstance(secondary, list) or not all(isinstance(m, str) for m in secondary) or not set(
-            secondary) <= set(config["metrics"][1:]) or (
-            secondary and not hypotheses):  # fmt: skip
+    if not (isinstance(secondary, list) and all(isinstance(m, str) for m in secondary)
+            and set(secondary) <= set(config["metrics"][1:]) and (hypotheses or not secondary)):  # fmt: skip
         raise ConfigError(f"{path}: 'secondary' must list metrics of 'metrics' after the first, with 'hypotheses'; "
                           f"got {secondary!r}.")  # fmt: skip
     determinism = config.get("determinism")
