@@ -200,12 +200,7 @@ def test_the_table_of_study_versions_is_the_records(study, row):
 def test_the_adjusted_p_and_the_regime_of_the_1280_step_version_are_the_records():
     pairs = TEST_ERROR_CLAIMS[:7] + [("study-cpu", "plain", "plain-no-lr-warmup")]  # the study's 8 contrasts
     ps = [_paired(*pair)[3] for pair in pairs]
-    order = sorted(range(8), key=lambda i: ps[i])
-    holm, running = {}, 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (8 - rank) * ps[i]))
-        holm[i] = running
-    assert f"Holm over the study's 8 test-error contrasts: p = {holm[0]:.2f})" in README
+    assert f"Holm over the study's 8 test-error contrasts: p = {_holm(ps)[0]:.2f})" in README
     train_error = statistics.mean(_metric("study-cpu-1280", "plain", "train_clean_error_rate").values())
     assert f"plain still erred on {100 * train_error:.0f} % of its training images" in README
 
@@ -236,10 +231,14 @@ def _git(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
 
 
-def test_the_protocol_predates_every_v4_record():
-    """The protocol's last change is an ancestor of the first commit that holds a v4 record."""
+def _needs_history() -> None:
     if _git("rev-parse", "--is-shallow-repository").stdout.strip() != "false":
         pytest.skip("needs the whole git history (not a shallow clone or an export)")
+
+
+def test_the_protocol_predates_every_v4_record():
+    """The protocol's last change is an ancestor of the first commit that holds a v4 record."""
+    _needs_history()
     protocol = _git("log", "-1", "--format=%H", "--", "docs/study-protocol.md").stdout.strip()
     first = _git("log", "--reverse", "--format=%H", "--", "docs/study-v4.json").stdout.split()[0]
     assert protocol != first and _git("merge-base", "--is-ancestor", protocol, first).returncode == 0
@@ -290,8 +289,7 @@ def test_the_v4_regime_in_the_table_of_versions_is_the_configurations():
 def test_the_v4_configuration_changed_after_the_first_record_only_by_a_reporting_key():
     """The regime, arms, seeds, tests and windows are as they were when the first run started; the one line added
     since labels report rows (`secondary`)."""
-    if _git("rev-parse", "--is-shallow-repository").stdout.strip() != "false":
-        pytest.skip("needs the whole git history (not a shallow clone or an export)")
+    _needs_history()
     first = _git("log", "--reverse", "--format=%H", "--", "docs/study-v4.json").stdout.split()[0]
     diff = _git("diff", "-U0", first, "--", "configs/study/v4.yaml").stdout.splitlines()
     changed = [x for x in diff if x[:1] in "+-" and not x.startswith(("+++", "---"))]
